@@ -1,0 +1,1 @@
+"""Raw ``@triton.jit`` kernels, one file per family. Launchers live in ``revkernels.ops``."""

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Creates .venv (seeing the system's packages) and installs revkernels into it.
+# - torch and triton already importable (the lent GPU machine, no network): nothing is downloaded.
+# - otherwise torch==2.13.0 is installed (the CPU build on machines without a GPU), then triton,
+#   then whatever of the dev / hf extras is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv --system-site-packages .venv
+py=.venv/bin/python
+has() { "$py" -c "import $1" >/dev/null 2>&1; }
+pip_install() { "$py" -m pip install --disable-pip-version-check -q "$@" 2>&1 | grep -v "is ignored" || true; }
+
+has torch || pip_install "torch==2.13.0"
+has triton || pip_install triton
+missing=()
+for pair in numpy:numpy pytest:pytest pytest_benchmark:pytest-benchmark matplotlib:matplotlib \
+            tqdm:tqdm transformers:transformers; do
+  has "${pair%%:*}" || missing+=("${pair#*:}")
+done
+[ ${#missing[@]} -eq 0 ] || pip_install "${missing[@]}"
+"$py" -m pip show -q revkernels >/dev/null 2>&1 || pip_install --no-deps --no-build-isolation -e .
+"$py" -c "import torch, triton, revkernels; print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.cuda.is_available())"
