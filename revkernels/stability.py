@@ -177,7 +177,7 @@ def random_a_moments(h_lam, n_steps, p0=1.0, a_mean=A_MEAN, a_second_moment=A_SE
                          + 2 * ((m * np.conj(g) - s) * np.conj(c_cur)).real)
         c_cur = m * np.conj(c_cur) + (g - m) * second[j]
         m_prev, s_prev = mean[j], second[j]
-    var = second - np.abs(mean) ** 2
+    var = np.maximum(second - np.abs(mean) ** 2, 0.0)  # clip rounding below zero
     if np.isrealobj(h_lam) and np.isrealobj(p0):
         mean = mean.real
     return mean, var
@@ -268,7 +268,8 @@ def stability_table():
     (max |1/root|, the inverse recurrence), forward_stable, forward_backward_stable. For
     midpoint/leapfrog/midpoint_a h_lam is the full coefficient z = c*lam of eq. 3.1; for
     ``hamiltonian`` the columns a, b are the stream coefficients and h_lam is alpha*beta
-    (alpha = 1), forward_stable is rho_forward <= 1 there.
+    (alpha = 1, so M is never scalar and is similar to the companion matrix of its
+    characteristic polynomial: the same root condition gives forward_stable).
     """
     three_term = [
         ("midpoint", 1.0, [0.5j, 1.9j, 2.0j, 2.5j, 0.1 + 1.0j, -0.5]),
@@ -291,7 +292,7 @@ def stability_table():
         fwd, bwd = _hamiltonian_growth(a, b, 1.0, ab)
         rows.append(dict(scheme="hamiltonian", a=a, b=b, h_lam_re=ab, h_lam_im=0.0,
                          rho_forward=float(fwd), rho_backward=float(bwd),
-                         forward_stable=bool(fwd <= 1.0 + 1e-9),
+                         forward_stable=bool(is_forward_stable(-a * b, a + b + ab, 0.0)),
                          forward_backward_stable=bool(hamiltonian_is_stable(a, b, 1.0, ab))))
     return rows
 
@@ -323,7 +324,7 @@ def plot_stability_regions(path):
     axes = fig.subplots(2, 3)
     for ax, (title, growth, segment) in zip(axes.flat, panels):
         fwd, bwd = growth()
-        im = ax.imshow(np.log10(np.maximum(fwd, bwd)), origin="lower", extent=extent, cmap="magma_r",
+        im = ax.imshow(np.log10(np.maximum(fwd, bwd)), origin="lower", extent=extent, cmap="Greys",
                        vmin=0.0, vmax=1.0, aspect="auto")
         ax.contourf(x, y, fwd, levels=[0.0, 1.0 + 1e-9], colors=["tab:green"], alpha=0.45)
         ax.contourf(x, y, bwd, levels=[0.0, 1.0 + 1e-9], colors=["tab:blue"], alpha=0.45)
@@ -331,7 +332,8 @@ def plot_stability_regions(path):
             ax.plot(*segment, color="tab:red", lw=3, label="forward-backward stable (open segment)")
             ax.legend(loc="lower left", fontsize=8)
         else:
-            ax.text(0.02, 0.03, "|a| != 1: never forward-backward stable", transform=ax.transAxes, fontsize=8)
+            ax.text(0.02, 0.03, "|a| != 1: never forward-backward stable", transform=ax.transAxes, fontsize=8,
+                    bbox=dict(facecolor="white", alpha=0.8))
         ax.axhline(0, color="grey", lw=0.5)
         ax.axvline(0, color="grey", lw=0.5)
         ax.set_title(title)

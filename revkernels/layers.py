@@ -1,0 +1,252 @@
+"""Drop-in reversible layers and the transformer blocks they wrap.
+
+    ReversibleStack:   p[j+1] = a_j*p[j-1] + (1-a_j)*p[j] + c_j*f_j(p[j]),  p[-1] = p[0] = x  (eq. 3.6)
+    HamiltonianStack:  q[l] = a*q[l-1] + Attn_l(p[l-1]);  p[l] = b*p[l-1] + MLP_l(q[l])   (eqs. 2.8-2.9)
+
+Both return the last state and have a ``reversible`` switch: True runs the memory-free backward of
+``revkernels.scheduler``; False runs the same forward with ordinary autograd (the reference).
+"""
+import math
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import reference as ref
+from .attention import causal_attention
+from .scheduler import HamiltonianFunction, StackRun, ThreeTermFunction, checked_update
+
+SCHEMES = ("midpoint", "leapfrog", "midpoint_a")
+
+
+def draw_midpoint_a(n_layers, generator=None):
+    """a_j from eq. 3.7: with prob. 1/2 a = 1 + U(-1,1)/2, else a = -1 + U(-1,1)/2 (never 0)."""
+    u = torch.rand(n_layers, generator=generator, dtype=torch.float64) * 2 - 1
+    sign = torch.where(torch.rand(n_layers, generator=generator, dtype=torch.float64) < 0.5, 1.0, -1.0)
+    return (sign + u / 2).float()
+
+
+def _refuse_stateful(blocks):
+    for block in blocks:
+        for m in block.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                raise ValueError(f"blocks contain {type(m).__name__} with running statistics: the backward "
+                                 "recompute would update them twice. Use LayerNorm or track_running_stats=False")
+
+
+def _uses_dropout(blocks):
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training
+               for b in blocks for m in b.modules())
+
+
+class _StackBase(nn.Module):
+    """Shared options: state dtype, RNG replay, the reversible switch, shape checks."""
+
+    def __init__(self, blocks, state_dtype, preserve_rng_state):
+        super().__init__()
+        if len(blocks) == 0:
+            raise ValueError("blocks is empty: a stack needs at least one block")
+        if not all(isinstance(b, nn.Module) for b in blocks):
+            raise TypeError("blocks must be nn.Modules")
+        if not state_dtype.is_floating_point:
+            raise TypeError(f"state_dtype must be floating point, got {state_dtype}")
+        if preserve_rng_state not in (True, False, "auto"):
+            raise ValueError("preserve_rng_state must be True, False or 'auto'")
+        _refuse_stateful(blocks)
+        self.state_dtype = state_dtype
+        self.preserve_rng_state = preserve_rng_state
+        self.reversible = True
+
+    def _run(self, blocks):
+        preserve = self.preserve_rng_state
+        if preserve == "auto":
+            preserve = _uses_dropout(blocks)
+        return StackRun(blocks, self.state_dtype, preserve)
+
+    @staticmethod
+    def _check_input(x):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError("x must be a floating-point tensor of shape (..., d)")
+
+
+
+class ReversibleStack(_StackBase):
+    """Reversible three-term stack over `blocks` (each maps (B, T, d) -> (B, T, d), the update f_j).
+
+    scheme: 'midpoint' (a=1, c=2h), 'leapfrog' (a=-1, c=h^2), 'midpoint_a' (c=h; `a` a float, a
+    sequence or tensor of per-layer values, or None to draw eq. 3.7 from `generator`).
+    learnable_a: make `a` a Parameter whose gradient comes from the fused reduction.
+    preserve_rng_state: replay each block's RNG in the recompute; 'auto' = when dropout is active.
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], scheme: str = "midpoint", h: float = 1.0,
+                 a: Union[None, float, Sequence[float], torch.Tensor] = None, *, learnable_a: bool = False,
+                 generator: torch.Generator = None, state_dtype: torch.dtype = torch.float32,
+                 preserve_rng_state: Union[bool, str] = "auto"):
+        super().__init__(blocks, state_dtype, preserve_rng_state)
+        if scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+        if isinstance(h, bool) or not isinstance(h, (int, float)) or not math.isfinite(h):
+            raise TypeError(f"h must be a finite float, got {h!r}")
+        n = len(blocks)
+        self.blocks = nn.ModuleList(blocks)
+        self.scheme, self.h = scheme, float(h)
+        if scheme != "midpoint_a" and a is not None:
+            raise ValueError(f"a is fixed by scheme {scheme!r}; pass it only with scheme='midpoint_a'")
+        coef_a = {"midpoint": torch.ones(n), "leapfrog": -torch.ones(n)}.get(scheme)
+        if coef_a is None:
+            coef_a = self._per_layer_a(a, n, generator)
+        c = {"midpoint": 2 * self.h, "leapfrog": self.h ** 2, "midpoint_a": self.h}[scheme]
+        if learnable_a:
+            self.a = nn.Parameter(coef_a)
+        else:
+            self.register_buffer("a", coef_a)
+        self.register_buffer("c", torch.full((n,), c))
+
+    @staticmethod
+    def _per_layer_a(a, n, generator):
+        if a is None:
+            return draw_midpoint_a(n, generator)
+        if isinstance(a, (int, float)) and not isinstance(a, bool):
+            t = torch.full((n,), float(a))
+        else:
+            t = torch.as_tensor(a, dtype=torch.float32).clone()
+            if t.dim() == 0:
+                t = t.expand(n).clone()
+            if t.shape[0] != n or t.dim() > 2:
+                raise ValueError(f"a has shape {tuple(t.shape)}: expected {n} per-layer values "
+                                 f"(shape ({n},) or ({n}, d) for per-channel values)")
+        if bool((t == 0).any()):
+            raise ValueError("a contains 0: a layer with a_j = 0 is not invertible")
+        return t
+
+    def forward(self, x):
+        self._check_input(x)
+        if self.a.requires_grad and bool((self.a == 0).any()):
+            raise ValueError("learnable a reached 0: that layer is no longer invertible")
+        a = self.a.to(self.state_dtype)
+        c = self.c.to(self.state_dtype)
+        if self.reversible:
+            run = self._run(list(self.blocks))
+            return ThreeTermFunction.apply(x, a, c, run, *run.flat_params())
+        prev = cur = x.to(self.state_dtype)
+        for j, block in enumerate(self.blocks):
+            prev, cur = cur, ref.rev_step(prev, cur, checked_update(block, j, cur), a[j], c[j])
+        return cur.to(x.dtype)
+
+    def extra_repr(self):
+        return f"scheme={self.scheme!r}, h={self.h}, n_layers={len(self.blocks)}"
+
+
+class HamiltonianStack(_StackBase):
+    """Two-stream reversible stack (eqs. 2.8-2.9), q[0] = p[0] = x, returns p[L]:
+
+        q[l] = a*q[l-1] + attn_l(p[l-1]);   p[l] = b*p[l-1] + mlp_l(q[l])
+
+    attn_blocks / mlp_blocks are whole blocks with their own norms (e.g. AttentionBlock, MLPBlock).
+    """
+
+    def __init__(self, attn_blocks: Sequence[nn.Module], mlp_blocks: Sequence[nn.Module],
+                 a: float = 1.0, b: float = 1.0, *, state_dtype: torch.dtype = torch.float32,
+                 preserve_rng_state: Union[bool, str] = "auto"):
+        if len(attn_blocks) != len(mlp_blocks):
+            raise ValueError(f"attn_blocks has {len(attn_blocks)} blocks but mlp_blocks has {len(mlp_blocks)}")
+        super().__init__(list(attn_blocks) + list(mlp_blocks), state_dtype, preserve_rng_state)
+        for name, v in (("a", a), ("b", b)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"{name} must be a float, got {type(v).__name__}")
+            if v == 0:
+                raise ValueError(f"{name} = 0: the Hamiltonian inverse divides by {name}")
+        self.attn_blocks = nn.ModuleList(attn_blocks)
+        self.mlp_blocks = nn.ModuleList(mlp_blocks)
+        self.a, self.b = float(a), float(b)
+
+    def _interleaved(self):
+        return [blk for pair in zip(self.attn_blocks, self.mlp_blocks) for blk in pair]
+
+    def forward(self, x):
+        self._check_input(x)
+        if self.reversible:
+            run = self._run(self._interleaved())
+            return HamiltonianFunction.apply(x, self.a, self.b, run, *run.flat_params())
+        q = p = x.to(self.state_dtype)
+        for l, (attn, mlp) in enumerate(zip(self.attn_blocks, self.mlp_blocks)):
+            q = ref.coupling_step(q, checked_update(attn, 2 * l, p), self.a)
+            p = ref.coupling_step(p, checked_update(mlp, 2 * l + 1, q), self.b)
+        return p.to(x.dtype)
+
+    def extra_repr(self):
+        return f"a={self.a}, b={self.b}, n_layers={len(self.attn_blocks)}"
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention through `causal_attention` (FlashAttention or SDPA)."""
+
+    def __init__(self, d_model, n_heads, dropout=0.0, bias=True):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        self.attn_dropout = nn.Dropout(dropout)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        p = self.attn_dropout.p if self.training else 0.0
+        y = causal_attention(q, k, v, dropout_p=p).transpose(1, 2).reshape(B, T, d)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    """GELU MLP of width 4d: W2 gelu(W1 x)."""
+
+    def __init__(self, d_model, dropout=0.0, bias=True):
+        super().__init__()
+        self.fc = nn.Linear(d_model, 4 * d_model, bias=bias)
+        self.proj = nn.Linear(4 * d_model, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class AttentionBlock(nn.Module):
+    """Attn(LN1(x)): the attention half of a block, with its own norm."""
+
+    def __init__(self, d_model, n_heads, dropout=0.0, bias=True):
+        super().__init__()
+        self.ln = nn.LayerNorm(d_model, bias=bias)
+        self.attn = CausalSelfAttention(d_model, n_heads, dropout, bias)
+
+    def forward(self, x):
+        return self.attn(self.ln(x))
+
+
+class MLPBlock(nn.Module):
+    """MLP(LN2(x)): the MLP half of a block, with its own norm."""
+
+    def __init__(self, d_model, dropout=0.0, bias=True):
+        super().__init__()
+        self.ln = nn.LayerNorm(d_model, bias=bias)
+        self.mlp = MLP(d_model, dropout, bias)
+
+    def forward(self, x):
+        return self.mlp(self.ln(x))
+
+
+class TransformerBlock(nn.Module):
+    """The update f(p) = Attn(LN1(p)) + MLP(LN2(p + Attn(LN1(p))))  (eq. 2.5), pre-LN GPT block.
+    A residual layer is p + f(p); reversible stacks use f alone."""
+
+    def __init__(self, d_model, n_heads, dropout=0.0, bias=True):
+        super().__init__()
+        self.attn = AttentionBlock(d_model, n_heads, dropout, bias)
+        self.mlp = MLPBlock(d_model, dropout, bias)
+
+    def forward(self, p):
+        u = self.attn(p)
+        return u + self.mlp(p + u)

@@ -1,0 +1,171 @@
+"""Reversible-backward autograd Functions: O(1) activation memory in depth.
+
+Forward runs the blocks under no_grad and keeps two state buffers updated in place. Backward
+walks the layers in reverse: recompute the block on the rebuilt state with grad enabled (same
+RNG states and autocast as the forward), rebuild the previous state in place and update the
+gradient buffers with one fused pass, then run the block's vjp. Nothing per layer survives the
+forward but O(1) scalars: the coefficients and, when randomness is replayed, one RNG state.
+
+Parameter gradients are returned as gradients of the Function's inputs, so autograd (and DDP's
+hooks) see each parameter used once per step, as in an ordinary graph.
+"""
+from dataclasses import dataclass, field
+from typing import List, Sequence
+
+import torch
+from torch import nn
+
+from .ops import backward_step_, coupling_, three_term_
+from .replay import AutocastState, ForwardContext
+
+
+@dataclass
+class StackRun:
+    """The non-tensor arguments of one call: the blocks, their parameters, options."""
+    blocks: Sequence[nn.Module]
+    state_dtype: torch.dtype
+    preserve_rng: bool
+    params: List[List[torch.Tensor]] = field(init=False)
+
+    def __post_init__(self):
+        self.params = [list(b.parameters()) for b in self.blocks]
+
+    def flat_params(self):
+        return [p for ps in self.params for p in ps]
+
+
+def checked_update(block, j, state):
+    """block(state), refused unless it keeps the state's shape."""
+    f = block(state)
+    if not isinstance(f, torch.Tensor) or f.shape != state.shape:
+        got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+        raise ValueError(f"block {j} maps shape {tuple(state.shape)} to {got}: "
+                         "blocks must map (B, T, d) to the same shape")
+    return f
+
+
+def _recompute(block, state, fwd_ctx, autocast):
+    """(input leaf, output) of block(state) with grad, under the forward's RNG and autocast."""
+    inp = state.detach().requires_grad_(True)
+    with torch.enable_grad(), fwd_ctx.replay(), autocast.replay():
+        out = block(inp)
+    return inp, out
+
+
+def _vjp(out, inp, params, cotangent, param_grads):
+    """Returns dL/dinp = J^T cotangent and appends each parameter's gradient (None if frozen)."""
+    wanted = [p for p in params if p.requires_grad]
+    grads = iter(torch.autograd.grad(out, [inp, *wanted], cotangent, allow_unused=True))
+    g_inp = next(grads)
+    param_grads.extend(next(grads) if p.requires_grad else None for p in params)
+    return g_inp
+
+
+def _add_(acc, g):
+    if g is not None:
+        acc.add_(g.to(acc.dtype))
+
+
+def _initial_states(x, state_dtype):
+    first = x.detach().to(state_dtype).clone(memory_format=torch.contiguous_format)
+    return first, first.clone()
+
+
+def _output(state, x_dtype):
+    return state if state.dtype == x_dtype else state.to(x_dtype)
+
+
+def _refuse_second_backward(ctx):
+    """The backward rebuilds states in the saved buffers: a second pass would read overwritten ones."""
+    if getattr(ctx, "done", False):
+        raise RuntimeError("a reversible stack's backward runs once per forward (retain_graph is not supported)")
+    ctx.done = True
+
+
+def _ordered_param_grads(per_block_reversed):
+    return [g for grads in reversed(per_block_reversed) for g in grads]
+
+
+class ThreeTermFunction(torch.autograd.Function):
+    """p[j+1] = a_j*p[j-1] + (1-a_j)*p[j] + c_j*f_j(p[j]) with p[-1] = p[0] = x; returns p[L].
+
+    a, c: tensors of L rows (scalars, or per-channel rows of size d), either may require grad."""
+
+    @staticmethod
+    def forward(ctx, x, a, c, run: StackRun, *params):
+        autocast = AutocastState.capture(x.device)
+        prev, cur = _initial_states(x, run.state_dtype)                # p[-1], p[0]
+        fwd_ctxs = []
+        with torch.no_grad():
+            for j, block in enumerate(run.blocks):
+                fwd_ctxs.append(ForwardContext.capture(x.device, run.preserve_rng))
+                three_term_(prev, prev, cur, checked_update(block, j, cur), a[j], c[j])   # prev <- p[j+1]
+                prev, cur = cur, prev
+        ctx.run, ctx.fwd_ctxs, ctx.autocast, ctx.x_dtype = run, fwd_ctxs, autocast, x.dtype
+        ctx.save_for_backward(prev, cur, a, c)                         # p[L-1], p[L]
+        return _output(cur, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        _refuse_second_backward(ctx)
+        prev, last, a, c = ctx.saved_tensors
+        run = ctx.run
+        A, B = last.clone(), prev                          # A = p[j+1], B = p[j]; B is ours to overwrite
+        gA = grad_out.to(run.state_dtype).contiguous().clone()
+        gB = torch.zeros_like(gA)
+        coef_grads = a.requires_grad or c.requires_grad
+        da, dc, param_grads = [], [], []
+        for j in reversed(range(len(run.blocks))):
+            inp, f = _recompute(run.blocks[j], B, ctx.fwd_ctxs[j], ctx.autocast)
+            gf, da_j, dc_j = backward_step_(A, B, f.detach(), gA, gB, a[j], c[j], coef_grads)
+            grads_j = []
+            _add_(gB, _vjp(f, inp, run.params[j], gf, grads_j))
+            param_grads.append(grads_j)
+            da.append(da_j), dc.append(dc_j)
+            A, B, gA, gB = B, A, gB, gA
+        g_x = (gA + gB).to(ctx.x_dtype)                    # p[0] and p[-1] are both x
+        g_a = torch.stack(da[::-1]).to(a.dtype) if a.requires_grad else None
+        g_c = torch.stack(dc[::-1]).to(c.dtype) if c.requires_grad else None
+        return (g_x, g_a, g_c, None, *_ordered_param_grads(param_grads))
+
+
+class HamiltonianFunction(torch.autograd.Function):
+    """q[l] = a*q[l-1] + G_l(p[l-1]);  p[l] = b*p[l-1] + M_l(q[l]);  q[0] = p[0] = x; returns p[L].
+
+    run.blocks alternates G_1, M_1, G_2, M_2, ...; a, b: Python floats or 0-d tensors (no grad)."""
+
+    @staticmethod
+    def forward(ctx, x, a, b, run: StackRun, *params):
+        autocast = AutocastState.capture(x.device)
+        q, p = _initial_states(x, run.state_dtype)
+        fwd_ctxs = []
+        with torch.no_grad():
+            for l in range(0, len(run.blocks), 2):
+                fwd_ctxs.append(ForwardContext.capture(x.device, run.preserve_rng))
+                coupling_(q, q, checked_update(run.blocks[l], l, p), a)                 # q <- a*q + G(p)
+                fwd_ctxs.append(ForwardContext.capture(x.device, run.preserve_rng))
+                coupling_(p, p, checked_update(run.blocks[l + 1], l + 1, q), b)             # p <- b*p + M(q)
+        ctx.run, ctx.fwd_ctxs, ctx.autocast, ctx.x_dtype, ctx.a, ctx.b = run, fwd_ctxs, autocast, x.dtype, a, b
+        ctx.save_for_backward(q, p)
+        return _output(p, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        _refuse_second_backward(ctx)
+        q_saved, p_saved = ctx.saved_tensors
+        run, a, b = ctx.run, ctx.a, ctx.b
+        q, p = q_saved, p_saved.clone()                    # q is ours; p[L] is the caller's output
+        gp = grad_out.to(run.state_dtype).contiguous().clone()
+        gq = torch.zeros_like(gp)
+        param_grads = []
+        for l in reversed(range(0, len(run.blocks), 2)):
+            grads_m, grads_g = [], []
+            inp, m = _recompute(run.blocks[l + 1], q, ctx.fwd_ctxs[l + 1], ctx.autocast)
+            _add_(gq, _vjp(m, inp, run.params[l + 1], gp.to(m.dtype), grads_m))   # dL/dq[l] complete
+            coupling_(p, p, m.detach(), b, inverse=True, gx=gp)              # p <- p[l-1], gp <- b*gp
+            inp, g = _recompute(run.blocks[l], p, ctx.fwd_ctxs[l], ctx.autocast)
+            _add_(gp, _vjp(g, inp, run.params[l], gq.to(g.dtype), grads_g))   # dL/dp[l-1] complete
+            coupling_(q, q, g.detach(), a, inverse=True, gx=gq)              # q <- q[l-1], gq <- a*gq
+            param_grads += [grads_m, grads_g]
+        g_x = (gq + gp).to(ctx.x_dtype)
+        return (g_x, None, None, None, *_ordered_param_grads(param_grads))
