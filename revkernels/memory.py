@@ -53,7 +53,7 @@ def live_tensor_bytes(exclude=()):
     gc.collect()
     for obj in gc.get_objects():
         try:
-            if not isinstance(obj, torch.Tensor) or obj.device.type == "meta":
+            if not issubclass(type(obj), torch.Tensor) or obj.device.type == "meta":
                 continue
             key = _storage_key(obj)
         except Exception:  # tensor subclasses / freed storages without a data pointer

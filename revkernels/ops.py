@@ -159,9 +159,10 @@ def _backward_step_op(A: Tensor, B: Tensor, f: Tensor, gA: Tensor, gB: Tensor,
     gf = gf.view(A.shape)
     if not coef_grads:
         return gf, empty, empty.clone()
-    sums = parts.sum(1)
-    da = sums[0] if _mode(a_t) == 2 else sums[0].sum()
-    dc = sums[1] if _mode(c_t) == 2 else sums[1].sum()
+    # Reduce each partial-sum plane separately: views of one `sums` tensor would alias each other,
+    # which torch.library refuses for the outputs of a custom op (per-channel a and c).
+    da = parts[0].sum(0) if _mode(a_t) == 2 else parts[0].sum()
+    dc = parts[1].sum(0) if _mode(c_t) == 2 else parts[1].sum()
     return gf, da, dc
 
 
