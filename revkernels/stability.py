@@ -245,7 +245,7 @@ def jacobian_top_eigenvalues(block, x, k=4, iters=32, seed=0):
             break
         Q[j + 1] = w / H[j + 1, j]
     ritz = np.linalg.eigvals(H[:size, :size]).astype(np.complex128)
-    order = np.lexsort((-ritz.imag, -np.abs(ritz)))
+    order = np.lexsort((-ritz.imag, -ritz.real))
     return ritz[order[:k]]
 
 

@@ -1,0 +1,127 @@
+"""A nanoGPT-like GPT whose block stack is residual, checkpointed or reversible.
+
+arch: 'baseline'    p[j+1] = p[j] + f_j(p[j])                       (eq. 2.2)
+      'checkpoint'  the same with torch.utils.checkpoint per layer (use_reentrant=False)
+      'midpoint' | 'leapfrog' | 'midpoint_a'   ReversibleStack (eq. 3.6)
+      'hamiltonian' HamiltonianStack (eqs. 2.8-2.9)
+f_j is TransformerBlock (eq. 2.5). Token + position embeddings, final LayerNorm, tied LM head.
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .layers import AttentionBlock, HamiltonianStack, MLPBlock, ReversibleStack, TransformerBlock
+from .loss import chunked_cross_entropy
+
+ARCHS = ("baseline", "checkpoint", "midpoint", "leapfrog", "midpoint_a", "hamiltonian")
+# Step size per scheme when cfg.h is None: the one that makes the coefficient of f equal to 1
+# (midpoint c = 2h, leapfrog c = h^2, midpoint_a c = h).
+DEFAULT_H = {"midpoint": 0.5, "leapfrog": 1.0, "midpoint_a": 1.0}
+
+
+@dataclass
+class GPTConfig:
+    """Model shape and body. loss_chunk_tokens > 0 computes the loss without materialising all
+    logits (every arch honours it, so memory comparisons stay fair); forward then returns
+    logits=None when targets are given."""
+    vocab_size: int = 50304
+    seq_len: int = 1024
+    d_model: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    arch: str = "baseline"
+    dropout: float = 0.0
+    bias: bool = True
+    h: Optional[float] = None
+    a: Union[None, float, Sequence[float]] = None      # midpoint_a: None draws eq. 3.7 with `seed`
+    learnable_a: bool = False
+    ham_a: float = 1.0
+    ham_b: float = 1.0
+    seed: int = 0
+    loss_chunk_tokens: int = 0
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        for name in ("vocab_size", "seq_len", "d_model", "n_heads", "n_layers"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+
+
+class ResidualStack(nn.Module):
+    """p[j+1] = p[j] + f_j(p[j]), optionally checkpointing each layer."""
+
+    def __init__(self, blocks, use_checkpoint=False):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.use_checkpoint = use_checkpoint
+
+    def forward(self, x):
+        for block in self.blocks:
+            if self.use_checkpoint and torch.is_grad_enabled():
+                x = x + checkpoint(block, x, use_reentrant=False)
+            else:
+                x = x + block(x)
+        return x
+
+
+def build_body(cfg: GPTConfig) -> nn.Module:
+    """The block stack of `cfg.arch`."""
+    d, H, p, bias, L = cfg.d_model, cfg.n_heads, cfg.dropout, cfg.bias, cfg.n_layers
+    if cfg.arch == "hamiltonian":
+        return HamiltonianStack([AttentionBlock(d, H, p, bias) for _ in range(L)],
+                                [MLPBlock(d, p, bias) for _ in range(L)], a=cfg.ham_a, b=cfg.ham_b)
+    blocks = [TransformerBlock(d, H, p, bias) for _ in range(L)]
+    if cfg.arch in ("baseline", "checkpoint"):
+        return ResidualStack(blocks, use_checkpoint=cfg.arch == "checkpoint")
+    h = DEFAULT_H[cfg.arch] if cfg.h is None else cfg.h
+    gen = torch.Generator().manual_seed(cfg.seed)
+    return ReversibleStack(blocks, cfg.arch, h=h, a=cfg.a if cfg.arch == "midpoint_a" else None,
+                           learnable_a=cfg.learnable_a, generator=gen)
+
+
+class GPT(nn.Module):
+    """logits, loss = model(idx, targets): idx (B, T) token ids, T <= cfg.seq_len."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.body = build_body(cfg)
+        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():          # GPT-2's scaled init of residual projections
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        if T > self.cfg.seq_len:
+            raise ValueError(f"sequence length {T} exceeds cfg.seq_len={self.cfg.seq_len}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.ln_f(self.body(self.drop(self.wte(idx) + self.wpe(pos))))
+        if targets is None:
+            return self.lm_head(x), None
+        if self.cfg.loss_chunk_tokens > 0:
+            return None, chunked_cross_entropy(x, self.lm_head.weight, targets, self.cfg.loss_chunk_tokens)
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1), ignore_index=-1)
+        return logits, loss
