@@ -30,10 +30,11 @@ except ImportError:  # no triton wheel for this platform: the reference runs eve
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Tile of BLOCK_M x BLOCK_D elements per program. BLOCK_D spans the channels (coalesced loads);
-# the element counts are a heuristic, not yet tuned on a GPU (see README).
+# Tile of BLOCK_M x BLOCK_D elements per program. BLOCK_D spans channels (coalesced loads); 256 divides
+# the usual model widths (512, 768, 1024, ...) so no lanes idle on masks. The element counts are a
+# heuristic (a few KiB of registers per operand per program), not yet tuned on a GPU (see README).
 TILE_ELEMS = {"three_term": 4096, "coupling": 4096, "backward_step": 2048}
-MAX_BLOCK_D = 1024
+MAX_BLOCK_D = 256
 
 
 def uses_triton(t: Tensor) -> bool:
@@ -46,9 +47,10 @@ def uses_triton(t: Tensor) -> bool:
 # ---------------------------------------------------------------- launch helpers
 
 def _coef(x):
-    """(tensor or None, python value, MODE) for load_coef: 0 float, 1 0-d tensor, 2 per channel."""
+    """(tensor or None, python value, MODE) for load_coef: 0 float, 1 0-d tensor, 2 per channel.
+    A per-channel tensor is made contiguous: load_coef reads it at unit stride."""
     if isinstance(x, Tensor):
-        return x, 0.0, 1 if x.dim() == 0 else 2
+        return (x, 0.0, 1) if x.dim() == 0 else (x.contiguous(), 0.0, 2)
     return None, float(x), 0
 
 
@@ -183,7 +185,8 @@ def _coupling_op(out: Tensor, x: Tensor, g: Tensor, gx: Optional[Tensor],
     if not uses_triton(out):
         out.copy_((ref.coupling_inverse if inverse else ref.coupling_step)(x, g, alpha))
         if gx is not None:
-            gx.copy_((gx.float() * (alpha.float() if isinstance(alpha, Tensor) else alpha)).to(gx.dtype))
+            dt = torch.promote_types(torch.float32, gx.dtype)  # fp32, or float64 gx's own precision
+            gx.copy_((gx.to(dt) * (alpha.to(dt) if isinstance(alpha, Tensor) else alpha)).to(gx.dtype))
         return
     o = _Writable2d(out, initialised=False)
     wgx = _Writable2d(gx, initialised=True) if gx is not None else None

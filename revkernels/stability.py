@@ -3,8 +3,8 @@
 Three-term family, linear test equation f(p) = lam * p, written with the full coefficient of f
 folded into ``h_lam`` (``z``)::
 
-    p[j+1] = a * p[j-1] + b * p[j] + z * p[j],      b = 1 - a in midpoint(a)   (eq. 3.1/3.6)
-    r**2 - (b + z) * r - a = 0                                                (eq. 3.2)
+    p[j+1] = a * p[j-1] + b * p[j] + z * p[j]      (eq. 3.6 has b = 1 - a)
+    r**2 - (b + z) * r - a = 0                      (eq. 3.2)
 
 In the package's schemes the coefficient of f is c (DESIGN section 1), so z = c * lam:
 midpoint z = 2h*lam (a=1, b=0), leapfrog z = h**2*lam (a=-1, b=2), midpoint(a) z = h*lam.
@@ -15,16 +15,17 @@ must lie on the unit circle and be distinct: repeated roots on the circle give s
 linearly in j, which this module counts as UNSTABLE (strict inequalities below). This needs
 |a| = |r1 r2| = 1; with w = b + z:
 
-    a = +1:  Re(w) = 0 and |Im(w)| < 2     (r2 = -conj(r1); midpoint: z = 2h*lam, |h*lam| < 1, lam imaginary)
-    a = -1:  Im(w) = 0 and |Re(w)| < 2     (r2 = conj(r1);  leapfrog: -4 < h**2*lam < 0, lam real)
+    a = +1:  Re(w) = 0 and |Im(w)| < 2   (r2 = -conj(r1); midpoint: |h*lam| < 1, lam imaginary)
+    a = -1:  Im(w) = 0 and |Re(w)| < 2   (r2 = conj(r1);  leapfrog: -4 < h**2*lam < 0, lam real)
     other a: never (|a| < 1: the inverse blows up; |a| > 1: the forward recurrence blows up).
 
-Hamiltonian scheme on the linear test system (eqs. 3.12-3.16)::
+Hamiltonian scheme on the linear test system (eqs. 3.15-3.16)::
 
     q[l] = a q[l-1] + alpha p[l-1],  p[l] = b p[l-1] + beta q[l]
-    (q, p)[l] = M (q, p)[l-1],  M = [[a, alpha], [a*beta, b + alpha*beta]],  det M = a b,  tr M = a + b + alpha beta.
+    (q, p)[l] = M (q, p)[l-1],   M = [[a, alpha], [a*beta, b + alpha*beta]],
+    det M = a b,   t = tr M = a + b + alpha beta.
 
-Eigenvalues solve mu**2 - t mu + ab = 0 with t = tr M. Forward-backward stable iff both lie on the
+Eigenvalues solve mu**2 - t mu + ab = 0. Forward-backward stable iff both lie on the
 unit circle and are distinct, or M is a scalar multiple of I (alpha = beta = 0, a = b = +-1):
 
     ab = +1:  Im(t) = 0 and |Re(t)| < 2   (or alpha = beta = 0, where t = +-2 and M = +-I)
@@ -82,7 +83,7 @@ def characteristic_roots(a, b, h_lam):
 
 
 def is_forward_stable(a, b, h_lam, atol=1e-9):
-    """Root condition for the forward recurrence of eq. 3.1: |r| <= 1, and roots on |r| = 1 simple.
+    """Root condition for the forward three-term recurrence: |r| <= 1, and roots on |r| = 1 simple.
 
     Numerical (from :func:`characteristic_roots`, tolerance ``atol``); used for the forward-only
     regions of midpoint(a) with |a| != 1.
@@ -96,7 +97,7 @@ def is_forward_stable(a, b, h_lam, atol=1e-9):
 
 
 def is_forward_backward_stable(a, b, h_lam, atol=1e-12):
-    """Forward and inverse recurrence of eq. 3.1 both bounded (eqs. 3.4-3.5), closed form.
+    """Forward and inverse three-term recurrence both bounded (eqs. 3.4-3.5), closed form.
 
     With w = b + h_lam: a = 1 needs Re w = 0 and |Im w| < 2; a = -1 needs Im w = 0 and |Re w| < 2;
     any other a is unstable. "= 0" and "a = +-1" are tested to ``atol``; the boundary |w| = 2
@@ -120,7 +121,10 @@ def hamiltonian_matrix(a, b, alpha, beta):
 
 
 def hamiltonian_eigenvalues(a, b, alpha, beta):
-    """Eigenvalues of :func:`hamiltonian_matrix`: mu**2 - (a + b + alpha beta) mu + ab = 0, larger modulus first."""
+    """Eigenvalues of :func:`hamiltonian_matrix`: mu**2 - (a + b + alpha beta) mu + ab = 0.
+
+    Shape ``broadcast.shape + (2,)``, larger modulus first.
+    """
     a, b, al, be = _as_complex(a, b, alpha, beta)
     # Same quadratic as eq. 3.2 with w = tr M and -a -> det M.
     return characteristic_roots(-a * b, a + b + al * be, 0.0)
@@ -161,9 +165,10 @@ def random_a_moments(h_lam, n_steps, p0=1.0, a_mean=A_MEAN, a_second_moment=A_SE
         S_{j+1}   = s S_{j-1} + (|g|^2 - 2 m Re g + s) S_j + 2 Re[(m conj(g) - s) conj(C_j)]
         C_{j+1}   = m conj(C_j) + (g - m) S_j
 
-    Variance is E|p_j - E p_j|^2 = S_j - |E p_j|^2. Returns ``(mean, var)``, arrays of length
-    n_steps + 1 for j = 0..n_steps (mean is real when h_lam and p0 are real). Defaults are eq. 3.7's
-    E a = 0, E a^2 = 13/12, which reduce the mean to forward Euler: E p_{j+1} = (1 + z) E p_j.
+    Variance is E|p_j - E p_j|^2 = S_j - |E p_j|^2 (rounding can leave ~-1e-16).
+    Returns ``(mean, var)``, arrays of length n_steps + 1 for j = 0..n_steps (mean is real when
+    h_lam and p0 are real). Defaults are eq. 3.7's E a = 0, E a^2 = 13/12, which reduce the mean
+    to forward Euler: E p_{j+1} = (1 + z) E p_j.
     """
     z, p0c = complex(h_lam), complex(p0)
     g, m, s = 1.0 + z, float(a_mean), float(a_second_moment)
@@ -177,7 +182,7 @@ def random_a_moments(h_lam, n_steps, p0=1.0, a_mean=A_MEAN, a_second_moment=A_SE
                          + 2 * ((m * np.conj(g) - s) * np.conj(c_cur)).real)
         c_cur = m * np.conj(c_cur) + (g - m) * second[j]
         m_prev, s_prev = mean[j], second[j]
-    var = np.maximum(second - np.abs(mean) ** 2, 0.0)  # clip rounding below zero
+    var = second - np.abs(mean) ** 2
     if np.isrealobj(h_lam) and np.isrealobj(p0):
         mean = mean.real
     return mean, var
@@ -245,7 +250,7 @@ def jacobian_top_eigenvalues(block, x, k=4, iters=32, seed=0):
             break
         Q[j + 1] = w / H[j + 1, j]
     ritz = np.linalg.eigvals(H[:size, :size]).astype(np.complex128)
-    order = np.lexsort((-ritz.imag, -ritz.real))
+    order = np.lexsort((-ritz.imag, -np.abs(ritz)))
     return ritz[order[:k]]
 
 
@@ -266,7 +271,7 @@ def stability_table():
 
     Columns: scheme, a, b, h_lam_re, h_lam_im, rho_forward (max |root|), rho_backward
     (max |1/root|, the inverse recurrence), forward_stable, forward_backward_stable. For
-    midpoint/leapfrog/midpoint_a h_lam is the full coefficient z = c*lam of eq. 3.1; for
+    midpoint/leapfrog/midpoint_a h_lam is the full coefficient z = c*lam of the recurrence; for
     ``hamiltonian`` the columns a, b are the stream coefficients and h_lam is alpha*beta
     (alpha = 1, so M is never scalar and is similar to the companion matrix of its
     characteristic polynomial: the same root condition gives forward_stable).

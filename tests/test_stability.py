@@ -266,7 +266,27 @@ def test_random_a_moments_degenerate_distribution_is_deterministic(z):
             p_prev, p_cur = p_cur, a * p_prev + (1 - a + z) * p_cur
             ref.append(p_cur)
         np.testing.assert_allclose(mean, np.array(ref), rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(var, 0.0, atol=1e-9 * np.max(np.abs(ref)) ** 2)
+        assert np.abs(var).max() < 1e-9 * np.max(np.abs(ref)) ** 2
+
+
+@pytest.mark.parametrize("z", [0.25, -0.2 + 0.6j])
+def test_random_a_moments_exact_for_two_point_distribution(z):
+    # a_j in {0.5, -1.2} with probabilities {0.3, 0.7}: E a != 0, so every term of the recurrence matters.
+    # Enumerate all 2**n paths and take the exact probability-weighted mean and variance.
+    vals, probs, n = np.array([0.5, -1.2]), np.array([0.3, 0.7]), 10
+    idx = (np.arange(2**n)[:, None] >> np.arange(n)) & 1
+    a, w = vals[idx], probs[idx].prod(1)
+    p_prev = p_cur = np.full(2**n, 1.0 - 0.5j)
+    paths = [p_cur]
+    for j in range(n):
+        p_prev, p_cur = p_cur, a[:, j] * p_prev + (1 - a[:, j] + z) * p_cur
+        paths.append(p_cur)
+    paths = np.stack(paths, 1)
+    mean_ref = w @ paths
+    var_ref = w @ np.abs(paths - mean_ref) ** 2
+    mean, var = st.random_a_moments(z, n, p0=1.0 - 0.5j, a_mean=probs @ vals, a_second_moment=probs @ vals**2)
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(var, var_ref, rtol=1e-10, atol=1e-12)
 
 
 def test_random_a_moments_closed_forms():
@@ -274,8 +294,8 @@ def test_random_a_moments_closed_forms():
     assert np.isrealobj(mean)
     np.testing.assert_allclose(mean, 0.7 ** np.arange(26), rtol=1e-12)  # E a = 0: forward Euler
     _, var0 = st.random_a_moments(0.0, 25)
-    np.testing.assert_allclose(var0, 0.0, atol=1e-12)  # p = const solves the recurrence for every a
-    assert var[0] == 0 and var[1] < 1e-12 and var[2] > 0.05  # p[1] = (1+z) p0 is deterministic
+    assert np.abs(var0).max() < 1e-12  # p = const solves the recurrence for every a
+    assert var[0] == 0 and abs(var[1]) < 1e-12 and var[2] > 0.05  # p[1] = (1+z) p0 is deterministic
 
 
 @pytest.mark.parametrize("z", [-0.3, 0.2, -0.1 + 0.5j])
