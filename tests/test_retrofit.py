@@ -1,0 +1,398 @@
+"""Retrofit (paper section 4): exactness, zero-shot error vs iterations, the linear error bound, cost,
+flat activation memory, reversible gradients, KL alignment, HF GPT-2 / Llama and own-GPT conversion,
+refusals, the CLI. Models are tiny and randomly initialised (nothing is downloaded)."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")   # conftest sets it too; must precede `import triton`
+
+import copy  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from revkernels import GPT, GPTConfig  # noqa: E402
+from revkernels.memory import live_tensor_bytes, saved_tensor_bytes  # noqa: E402
+from revkernels.retrofit import (RetrofitStack, align, block_calls, evaluate_kl, model_logits,  # noqa: E402
+                                 retrofit, retrofit_kl, retrofit_stack, unretrofit)
+
+V, T = 128, 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls: one intra-op thread avoids OpenMP barrier stalls when the cores are shared
+    (measured 50x per op on a busy 2-core machine); restored after this module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------ tiny models
+
+def _hf():
+    return pytest.importorskip("transformers")
+
+
+def gpt2(n_layer=3, dropout=0.0, **kw):
+    tr = _hf()
+    cfg = tr.GPT2Config(n_layer=n_layer, n_embd=64, n_head=4, vocab_size=V, n_positions=64,
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                        bos_token_id=0, eos_token_id=0, **kw)
+    return tr.GPT2LMHeadModel(cfg)
+
+
+def llama(n_layer=3):
+    tr = _hf()
+    cfg = tr.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=n_layer,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=V,
+                         max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return tr.LlamaForCausalLM(cfg)
+
+
+def own_gpt(n_layers=3, dropout=0.0):
+    return GPT(GPTConfig(vocab_size=V, seq_len=64, d_model=64, n_heads=4, n_layers=n_layers, dropout=dropout))
+
+
+def scale_updates(model, s):
+    """Multiply each block's output projections by s: the residual updates f_j shrink by about s."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("attn.c_proj.weight", "mlp.c_proj.weight", "o_proj.weight", "down_proj.weight",
+                              "attn.proj.weight", "mlp.proj.weight")):
+                p.mul_(s)
+    return model
+
+
+def ids(B=2, T=T, seed=1):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def zero_shot(teacher, student, x, **kw):
+    """(max abs, mean abs, KL) between student and teacher logits."""
+    with torch.no_grad():
+        t, s = model_logits(teacher, x, **kw), model_logits(student, x, **kw)
+    d = (s - t).abs()
+    return d.max().item(), d.mean().item(), retrofit_kl(s, t).item()
+
+
+def reference_forward(student):
+    """Forward-only sweeps run the stack with ordinary autograd: the same math without the interpreter."""
+    retrofit_stack(student).reversible = False
+    return student
+
+
+# ------------------------------------------------------------------ the linear toy network
+
+class LinearUpdate(nn.Module):
+    """f(p) = W p per token, ||W||_2 = w."""
+
+    def __init__(self, d, w, gen):
+        super().__init__()
+        g = torch.randn(d, d, generator=gen, dtype=torch.float64)
+        self.W = nn.Parameter(w * g / torch.linalg.matrix_norm(g, 2))
+
+    def forward(self, p):
+        return p @ self.W.T
+
+
+def linear_toy(L=6, d=16, w=0.2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [LinearUpdate(d, w, gen) for _ in range(L)]
+
+
+def residual_states(updates, x):
+    """Teacher states p[0..L] of p[j+1] = p[j] + f_j(p[j])."""
+    ps = [x]
+    for f in updates:
+        ps.append(ps[-1] + f(ps[-1]))
+    return ps
+
+
+def linear_bound(updates, ps, a, k):
+    """Per-token bound on |q[L] - p[L]| for the linear toy (the analogue of eq. 4.11).
+
+    Derivation. With f_j(p) = W_j p the fixed-point iterate is p_hat_k = sum_{i<=k} (-W)^i p[j], and the
+    exact p[j-1] = (I+W)^{-1} p[j] = sum_{i>=0} (-W)^i p[j], so
+        p_hat_k - p[j-1] = -(-W)^(k+1) (I+W)^{-1} p[j] = -(-W)^(k+1) p[j-1]        (W = W_{j-1}).
+    The teacher obeys eq. 4.3 exactly; the student q obeys the same recurrence with p_hat(q[j]). With
+    e_j = q[j] - p[j] (e_0 = e_1 = 0: layer 0 is an Euler step in both) and P_k = sum_{i<=k} (-W)^i,
+        e_{j+1} = a e_{j-1} + (1-a) e_j + W_j e_j + a W_{j-1} P_k e_j + delta_j,
+        delta_j = -a W_{j-1} (-W_{j-1})^(k+1) p[j-1],  |delta_j| <= |a| w_{j-1}^(k+2) |p[j-1]|.
+    Norms give the scalar majorant, |e_j| <= eps_j by induction:
+        eps_{j+1} = |a| eps_{j-1} + (|1-a| + w_j + |a| w_{j-1} sum_{i<=k} w_{j-1}^i) eps_j
+                    + |a| w_{j-1}^(k+2) |p[j-1]|.
+    To leading order in w: |e_L| <= |a| w^(k+2) sum_j |p[j-1]| (1 + O(w)), i.e. O(L |a| w^(k+2) |x|):
+    one iteration (eq. 4.4) leaves a step error of O(|W|^3), each further iteration gains a factor |W|.
+    """
+    w = [torch.linalg.matrix_norm(f.W.detach(), 2).item() for f in updates]
+    prev = cur = torch.zeros(ps[0].shape[:-1], dtype=torch.float64)
+    for j in range(1, len(updates)):
+        gain = abs(1 - a) + w[j] + abs(a) * w[j - 1] * sum(w[j - 1] ** i for i in range(k + 1))
+        local = abs(a) * w[j - 1] ** (k + 2) * ps[j - 1].norm(dim=-1)
+        prev, cur = cur, abs(a) * prev + gain * cur + local
+    return cur
+
+
+def linear_student(updates, a, k, x):
+    stack = RetrofitStack(updates, a=a, iterations=k, state_dtype=torch.float64)
+    with torch.no_grad():
+        return stack(x)
+
+
+@pytest.mark.parametrize("a", [0.5, 1.0])
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_linear_error_below_bound_and_of_order_w_pow_k_plus_2(a, k):
+    x = torch.randn(2, 5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    errs = []
+    for w in (0.2, 0.1):
+        updates = linear_toy(w=w)
+        ps = residual_states(updates, x)
+        with torch.no_grad():
+            err = (linear_student(updates, a, k, x) - ps[-1]).norm(dim=-1)
+            bound = linear_bound(updates, ps, a, k)
+        assert bool((err <= bound * (1 + 1e-9)).all()), (err, bound)
+        assert err.max() > 1e-3 * bound.max()            # the bound is not vacuous
+        errs.append(err.max().item())
+    # halving |W| divides the error by about 2^(k+2) (leading order)
+    ratio = errs[0] / errs[1]
+    assert 0.6 * 2 ** (k + 2) < ratio < 1.6 * 2 ** (k + 2), ratio
+
+
+@pytest.mark.parametrize("a", [0.5, -0.7, "per_layer", "per_channel"])
+def test_exact_identity_with_converged_estimate(a):
+    """With p_hat = p[j-1] (the iteration converged) eq. 4.3 reproduces the residual model for any a."""
+    L, d = 5, 16
+    updates = linear_toy(L=L, d=d, w=0.3)
+    if a == "per_layer":
+        a = [0.5, -1.2, 0.8, 2.0, -0.3]
+    elif a == "per_channel":
+        a = torch.rand(L, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.25
+    x = torch.randn(2, 3, d, dtype=torch.float64)
+    with torch.no_grad():
+        err = (linear_student(updates, a, 60, x) - residual_states(updates, x)[-1]).abs().max()
+    assert err < 1e-12
+
+
+# ------------------------------------------------------------------ zero-shot error on transformers
+
+@pytest.mark.parametrize("make", [gpt2, llama, own_gpt], ids=["gpt2", "llama", "gpt"])
+def test_zero_shot_error_falls_with_iterations(make):
+    teacher = scale_updates(make(n_layer=4) if make is not own_gpt else make(n_layers=4), 0.3).eval()
+    x = ids()
+    errs = [zero_shot(teacher, reference_forward(retrofit(teacher, 0.5, k)), x) for k in (0, 1, 2, 4, 25)]
+    max_err = [e[0] for e in errs]
+    assert all(b < a for a, b in zip(max_err, max_err[1:4])), max_err
+    assert max_err[3] < 0.05 * max_err[0]
+    assert max_err[4] < 1e-5                 # converged fixed point: the residual model, exactly (fp32)
+    assert errs[4][2] < 1e-6                 # KL
+
+
+def test_zero_shot_error_tiny_for_small_updates():
+    x = ids()
+    base = gpt2(n_layer=4).eval()
+    err = {s: zero_shot(t := scale_updates(copy.deepcopy(base), s), reference_forward(retrofit(t, 0.5, 1)), x)[0]
+           for s in (0.3, 0.1)}
+    assert err[0.1] < err[0.3] / 5          # step error O(|f'|^3): shrinking the updates 3x gains ~27x
+    assert err[0.1] < 1e-4
+
+
+# ------------------------------------------------------------------ cost, memory, gradients
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_block_evaluations_per_layer(k):
+    """Forward: layer 0 calls f_0 once, layer j >= 1 calls f_j once and f_{j-1} k+1 times."""
+    L = 3
+    student = retrofit(gpt2(n_layer=L), 0.5, k)
+    calls = [0]
+    for u in retrofit_stack(student).updates:
+        u.layer.register_forward_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
+    loss = student(ids()).logits.square().mean()
+    assert calls[0] == block_calls(L, k) == L + (L - 1) * (k + 1)
+    loss.backward()                          # the reversible backward recomputes every F_j once
+    assert calls[0] == 2 * block_calls(L, k)
+
+
+def _memory(model, x):
+    """(bytes saved for backward, bytes that became live during the forward and are still held
+    between forward and backward), parameters excluded."""
+    params = [*model.parameters(), *model.buffers(), x]
+    before = live_tensor_bytes(exclude=params)
+    out, saved = saved_tensor_bytes(lambda: model_logits(model, x).float().square().mean())
+    live = live_tensor_bytes(exclude=[*params, out]) - before
+    out.backward()
+    return saved, live
+
+
+def test_activation_memory_flat_in_depth():
+    x = ids(T=32)
+    mem = {}
+    for L in (2, 8):
+        teacher = gpt2(n_layer=L).train()
+        student = retrofit(teacher, 0.5, 1)
+        del teacher                          # its parameters would count as live tensors
+        mem[L] = _memory(student, x)
+        mem["residual", L] = _memory(gpt2(n_layer=L).train(), x)
+    for i in range(2):
+        assert abs(mem[8][i] - mem[2][i]) <= 0.05 * mem[2][i], mem
+        assert mem["residual", 8][i] > 2.5 * mem["residual", 2][i], mem      # the baseline grows
+
+
+def _grads(model, x, reversible, seed=5, **kw):
+    retrofit_stack(model).reversible = reversible
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)                  # same dropout masks in both runs
+    model_logits(model, x, **kw).float().square().mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_grads(g_ref, g_rev, rtol=1e-5):
+    assert g_ref.keys() == g_rev.keys() and g_ref
+    for n in g_ref:
+        scale = g_ref[n].abs().max().clamp_min(1e-20)
+        assert (g_rev[n] - g_ref[n]).abs().max() <= rtol * scale, n
+
+
+@pytest.mark.parametrize("case", ["gpt2_dropout", "llama_padded", "gpt"])
+def test_reversible_grads_match_autograd(case):
+    x, kw = ids(), {}
+    if case == "gpt2_dropout":
+        student = retrofit(gpt2(n_layer=3, dropout=0.1).train(), [0.5, 0.8, -0.6], 2)
+    elif case == "llama_padded":
+        student = retrofit(llama(n_layer=3), 0.5, 1)
+        kw["attention_mask"] = torch.ones_like(x)
+        kw["attention_mask"][1, :5] = 0
+    else:
+        student = retrofit(own_gpt(n_layers=3), 0.5, 1)
+    _assert_same_grads(_grads(student, x, False, **kw), _grads(student, x, True, **kw))
+
+
+# ------------------------------------------------------------------ alignment
+
+def test_retrofit_kl():
+    s, t = torch.randn(2, 5, V), torch.randn(2, 5, V)
+    ls, lt = s.log_softmax(-1), t.log_softmax(-1)
+    expected = (lt.exp() * (lt - ls)).sum(-1).mean()
+    torch.testing.assert_close(retrofit_kl(s, t), expected)
+    torch.testing.assert_close(retrofit_kl(s, t, reverse=True), (ls.exp() * (ls - lt)).sum(-1).mean())
+    assert retrofit_kl(t, t).abs() < 1e-6
+    low = retrofit_kl(s.bfloat16(), t.bfloat16())
+    assert low.dtype == torch.float32
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0] = True
+    torch.testing.assert_close(retrofit_kl(s, t, mask=mask), (lt.exp() * (lt - ls)).sum(-1)[0].mean())
+    with pytest.raises(ValueError, match="shape"):
+        retrofit_kl(s, t[:, :4])
+
+
+def test_align_lowers_kl():
+    tr = _hf()
+    cfg = tr.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.2, bos_token_id=0, eos_token_id=0)
+    teacher = tr.GPT2LMHeadModel(cfg).eval()       # large init: peaked logits, a visible zero-shot KL
+    student = retrofit(teacher, 0.5, 0)
+    batches = [torch.randint(0, 64, (2, 16))]
+    before = evaluate_kl(student, teacher, batches)
+    log = align(student, teacher, batches, steps=5, lr=3e-4, progress=False)
+    after = evaluate_kl(student, teacher, batches)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5] and before > 1e-3
+    assert after < 0.7 * before, (before, after, log)
+    for p in teacher.parameters():
+        assert p.grad is None                       # the teacher stays frozen
+
+
+# ------------------------------------------------------------------ conversions
+
+def test_gpt2_conversion_shares_nothing_and_keeps_weights():
+    teacher = gpt2(n_layer=3).eval()
+    snapshot = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = retrofit(teacher, 0.5, 1)
+    x = ids()
+    out = student(x)
+    assert out.logits.shape == (2, T, V)
+    out.logits.square().mean().backward()
+    assert type(teacher.transformer.h[0]).__name__ == "GPT2Block"             # the teacher is untouched
+    layers = [u.layer for u in retrofit_stack(student).updates]
+    for j, layer in enumerate(layers):                                       # copied, not re-initialised
+        for name, p in layer.named_parameters():
+            torch.testing.assert_close(p, snapshot[f"transformer.h.{j}.{name}"], rtol=0, atol=0)
+            assert p.data_ptr() != teacher.transformer.h[j].get_parameter(name).data_ptr()
+            assert p.grad is not None
+    plain = unretrofit(student)                                              # back to a residual model
+    assert type(plain) is type(teacher) and plain.state_dict().keys() == teacher.state_dict().keys()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x).logits, teacher(x).logits)
+    with pytest.raises(NotImplementedError, match="use_cache=False"):
+        student(x, use_cache=True)
+
+
+def test_llama_conversion_forward_backward_with_mask_and_rotary():
+    teacher = scale_updates(llama(n_layer=3), 0.3).eval()
+    x = ids()
+    mask = torch.ones_like(x)
+    mask[1, :4] = 0                                                           # left padding
+    student = retrofit(teacher, 0.5, 25)
+    with torch.no_grad():
+        t = teacher(x, attention_mask=mask).logits
+        s = student(x, attention_mask=mask).logits
+    keep = mask.bool()
+    assert (s - t)[keep].abs().max() < 1e-5             # converged: padding mask and rotary handled
+    student = retrofit(teacher, 0.5, 1)
+    out = student(x, attention_mask=mask, labels=x)
+    out.loss.backward()
+    assert out.logits.shape == (2, T, V) and torch.isfinite(out.loss)
+    assert all(p.grad is not None for p in retrofit_stack(student).parameters())
+
+
+def test_own_gpt_conversion():
+    teacher = own_gpt(n_layers=3).eval()
+    student = retrofit(teacher, 0.5, 1)
+    assert student.cfg.arch == "retrofit" and teacher.cfg.arch == "baseline"
+    assert student.lm_head.weight is student.wte.weight
+    x = ids()
+    logits, loss = student.train()(x, x)
+    loss.backward()
+    assert torch.isfinite(loss) and student.wte.weight.grad is not None
+    plain = unretrofit(student.eval())
+    assert plain.cfg.arch == "baseline"
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x)[0], teacher(x)[0])
+
+
+def test_refusals():
+    tr = _hf()
+    bert = tr.BertForMaskedLM(tr.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                            intermediate_size=64, vocab_size=V))
+    with pytest.raises(TypeError, match="BertForMaskedLM"):
+        retrofit(bert)
+    with pytest.raises(TypeError, match="Linear"):
+        retrofit(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="midpoint"):
+        retrofit(GPT(GPTConfig(vocab_size=V, seq_len=16, d_model=32, n_heads=2, n_layers=2, arch="midpoint")))
+    model = own_gpt(n_layers=2)
+    with pytest.raises(ValueError, match="not invertible"):
+        retrofit(model, a=[0.5, 0.0])
+    with pytest.raises(ValueError, match="iterations"):
+        retrofit(model, iterations=-1)
+    with pytest.raises(ValueError, match="per-layer"):
+        retrofit(model, a=[0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match="already retrofitted"):
+        retrofit(retrofit(model))
+
+
+def test_cli_aligns_and_saves(tmp_path):
+    from revkernels.retrofit.__main__ import main
+    model_dir, out = tmp_path / "teacher", tmp_path / "out"
+    gpt2(n_layer=2).save_pretrained(model_dir)
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(" ".join(str(i % V) for i in range(500)))
+    summary = main(["--model", str(model_dir), "--out", str(out), "--steps", "2", "--batch-size", "2",
+                    "--seq-len", "16", "--eval-batches", "1", "--data", str(tokens), "--no-progress"])
+    assert math.isfinite(summary["kl_before"]) and math.isfinite(summary["kl_after"])
+    assert json.loads((out / "retrofit.json").read_text())["iterations"] == 1
+    assert len((out / "kl_log.jsonl").read_text().splitlines()) == 2
+    reloaded = _hf().GPT2LMHeadModel.from_pretrained(out, local_files_only=True)
+    assert type(reloaded.transformer.h[0]).__name__ == "GPT2Block"
