@@ -3,6 +3,6 @@ from .attention import causal_attention, last_attention_backend
 from .layers import (AttentionBlock, HamiltonianStack, MLPBlock, ReversibleStack, TransformerBlock,
                      draw_midpoint_a)
 from .models import GPT, GPTConfig
-from .retrofit import retrofit, retrofit_kl
 from .ops import (coupling_backward_step, coupling_inverse, coupling_step, rev_backward_step,
                   rev_inverse, rev_step)
+from .retrofit import retrofit, retrofit_kl

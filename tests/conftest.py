@@ -24,14 +24,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+# ---------------------------------------------------------------- NaN-filled allocations
+
 def _nan_filled(alloc):
     """Wrap an allocator so that its floating results start as NaN instead of stale memory: a kernel
     that reads an element of a fresh buffer it never wrote then yields NaN and the test fails
-    (flash-linear-attention's conftest does the same). Integer, bool and complex results are left alone.
-    """
+    (flash-linear-attention's conftest does the same). Integer, bool, complex and sparse results are
+    left alone; inside a torch.compile'd graph nothing is filled (the graph's own semantics hold)."""
     @functools.wraps(alloc)
     def wrapper(*args, **kwargs):
         t = alloc(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            return t
         if (isinstance(t, torch.Tensor) and t.is_floating_point() and t.layout == torch.strided
                 and t.numel() > 0):
             # no_grad: a fresh leaf with requires_grad=True refuses in-place ops under grad mode.
@@ -42,6 +46,24 @@ def _nan_filled(alloc):
     return wrapper
 
 
+_TORCH_ALLOCATORS = ("empty", "empty_like", "empty_strided")
+# Created once, so every test patches in the same objects.
+_NAN_TORCH = {name: _nan_filled(getattr(torch, name)) for name in _TORCH_ALLOCATORS}
+_NAN_NEW_EMPTY = _nan_filled(torch.Tensor.new_empty)
+
+# torch.compile (Dynamo) caches, on first use, which objects *are* torch.empty & co. If that first use
+# happened inside a test, it would record the wrappers, and the real functions (restored after the
+# test, or reached through a wrapper) would become untraceable. Build those caches from the real
+# functions now; the wrappers are then ordinary Python functions that Dynamo inlines.
+try:
+    from torch._dynamo import trace_rules as _trace_rules
+
+    _trace_rules.get_torch_obj_rule_map()
+    _trace_rules.get_tensor_method()
+except Exception:  # a private API: without it only compile tests can suffer, not the guard
+    pass
+
+
 @pytest.fixture(autouse=True)
 def nan_empty(monkeypatch):
     """torch.empty / empty_like / empty_strided / Tensor.new_empty return NaN-filled floats in tests.
@@ -49,6 +71,6 @@ def nan_empty(monkeypatch):
     The patch replaces the Python-level names, so it reaches every Python caller (revkernels' launchers
     and custom-op bodies included), not allocations made inside C++ kernels.
     """
-    for name in ("empty", "empty_like", "empty_strided"):
-        monkeypatch.setattr(torch, name, _nan_filled(getattr(torch, name)))
-    monkeypatch.setattr(torch.Tensor, "new_empty", _nan_filled(torch.Tensor.new_empty))
+    for name, wrapper in _NAN_TORCH.items():
+        monkeypatch.setattr(torch, name, wrapper)
+    monkeypatch.setattr(torch.Tensor, "new_empty", _NAN_NEW_EMPTY)
