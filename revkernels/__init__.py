@@ -6,3 +6,10 @@ from .models import GPT, GPTConfig
 from .ops import (coupling_backward_step, coupling_inverse, coupling_step, rev_backward_step,
                   rev_inverse, rev_step)
 from .retrofit import retrofit, retrofit_kl
+
+__all__ = [
+    "rev_step", "rev_inverse", "rev_backward_step", "coupling_step", "coupling_inverse",
+    "coupling_backward_step", "ReversibleStack", "HamiltonianStack", "TransformerBlock",
+    "AttentionBlock", "MLPBlock", "draw_midpoint_a", "causal_attention", "last_attention_backend",
+    "GPTConfig", "GPT", "retrofit", "retrofit_kl",
+]

@@ -123,6 +123,11 @@ class ReversibleStack(_StackBase):
 
     def forward(self, x):
         self._check_input(x)
+        if self.a.dim() == 2 and self.a.shape[1] != x.shape[-1]:
+            # Checked here: the scheduler's unchecked kernels would read d values of a row of another
+            # width (out of bounds when shorter) instead of failing like broadcasting does.
+            raise ValueError(f"a has {self.a.shape[1]} values per layer but x has d={x.shape[-1]} "
+                             "channels: per-channel a must have shape (n_layers, d)")
         if self.a.requires_grad and bool((self.a == 0).any()):
             raise ValueError("learnable a reached 0: that layer is no longer invertible")
         a = self.a.to(self.state_dtype)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import reference as ref
 from .validation import (check_coef, check_disjoint, check_like, check_not_requiring_grad,
-                         check_out, check_same_dtype, check_tensor)
+                         check_out, check_same_dtype)
 
 try:
     import triton
@@ -150,7 +150,9 @@ def _backward_step_op(A: Tensor, B: Tensor, f: Tensor, gA: Tensor, gB: Tensor,
     M, D = wA.view.shape
     gf = torch.empty((M, D), dtype=f.dtype, device=f.device)
     meta, grid = _tiles(M, D, "backward_step")
-    parts = torch.empty((2, grid[0], D) if coef_grads else (2, 0, 0), dtype=torch.float32, device=A.device)
+    # Per-tile column sums of the coefficient gradients; without them the kernel never touches
+    # these pointers, so gf stands in (a real allocation, unlike an empty tensor's null pointer).
+    parts = torch.empty((2, grid[0], D), dtype=torch.float32, device=A.device) if coef_grads else (gf, gf)
     backward_step_kernel[grid](wA.view, Bv, fv, wgA.view, wgB.view, gf, parts[0], parts[1],
                                a_t if a_t is not None else Bv, c_t if c_t is not None else Bv,
                                a_s, c_s, M, D,

@@ -21,16 +21,6 @@ from revkernels.retrofit import (RetrofitStack, align, block_calls, evaluate_kl,
 V, T = 128, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one intra-op thread avoids OpenMP barrier stalls when the cores are shared
-    (measured 50x per op on a busy 2-core machine); restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------ tiny models
 
 def _hf():
