@@ -1,0 +1,229 @@
+"""kernels: effective bandwidth of each fused op against PyTorch eager and torch.compile of the same math.
+
+Effective GB/s = bytes the fused op must read and write (fp32 states, bf16 f) / time, for the
+same count whatever the provider, so a provider that makes extra passes shows a lower figure.
+The reference line is the device's copy bandwidth (torch copy_ of an fp32 tensor, read + write)
+measured in the same run on a large tensor (`copy_ref` elements: 256M on a GPU, 16M on a CPU, beyond
+its caches); copies at each benchmarked size are recorded too. CUDA: triton.testing.do_bench (L2 flushed between
+runs), median and p20/p80; CPU: time.perf_counter. Rows follow Liger-Kernel's schema.
+
+Providers: `revkernels` (the public op: Triton on CUDA; on a CPU the PyTorch reference, or the
+Triton interpreter under TRITON_INTERPRET=1), `eager` (revkernels.reference, plain PyTorch),
+`compile` (torch.compile of that same function).
+"""
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .. import ops
+from .. import reference as ref
+from .common import figure, fused_path, markdown_table, progress, time_ms, write_csv, write_report
+
+PRESETS = {
+    # sizes in elements (gpu: 1M .. 256M); copy_ref: the copy that gives the reference line
+    "gpu": dict(sizes=tuple(2 ** k for k in range(20, 29, 2)), copy_ref=2 ** 28, d=1024, compile=True),
+    "cpu": dict(sizes=(2 ** 20,), copy_ref=2 ** 24, d=1024, compile=True, warmup=5, reps=50),
+    "tiny": dict(sizes=(2 ** 12,), copy_ref=2 ** 12, d=64, compile=False, warmup=1, reps=2),
+}
+COLUMNS = ("op", "provider", "mode", "metric", "x", "median", "p20", "p80", "device")
+MODE = "fp32 state, bf16 f"
+A, C, ALPHA = -1.0, 1.0, 0.5     # a = -1 keeps repeated in-place backward steps bounded (period 2)
+
+
+def _states(M, D, device, n):
+    return [torch.randn(M, D, device=device) for _ in range(n)]
+
+
+def _f(M, D, device):
+    return torch.randn(M, D, device=device, dtype=torch.bfloat16)
+
+
+def _eager_backward(A_, B, f, gA, gB, coef_grads):
+    A_new, gA_new, gB_new, gf, da, dc = ref.rev_backward_step(A_, B, f, gA, gB, A, C, coef_grads)
+    A_.copy_(A_new)
+    gA.copy_(gA_new)
+    gB.copy_(gB_new)
+    return gf, da, dc
+
+
+def _eager_backward_plain(A_, B, f, gA, gB):
+    return _eager_backward(A_, B, f, gA, gB, False)
+
+
+def _eager_backward_coef(A_, B, f, gA, gB):
+    return _eager_backward(A_, B, f, gA, gB, True)
+
+
+@dataclass
+class KernelOp:
+    """A fused op, the same math in PyTorch, its inputs, and the bytes it must move per element."""
+    name: str
+    bytes_per_elem: int
+    inputs: Callable          # (M, D, device) -> tuple of tensors
+    fused: Callable           # (*inputs) -> ...
+    math: Callable            # (*inputs) -> ..., plain PyTorch
+
+
+OPS = (
+    KernelOp("rev_step", 4 + 4 + 2 + 4, lambda M, D, dev: (*_states(M, D, dev, 2), _f(M, D, dev)),
+             lambda x, y, f: ops.rev_step(x, y, f, A, C), lambda x, y, f: ref.rev_step(x, y, f, A, C)),
+    KernelOp("rev_inverse", 4 + 4 + 2 + 4, lambda M, D, dev: (*_states(M, D, dev, 2), _f(M, D, dev)),
+             lambda x, y, f: ops.rev_inverse(x, y, f, A, C), lambda x, y, f: ref.rev_inverse(x, y, f, A, C)),
+    # reads A, B, gA, gB (fp32) and f (bf16); writes A, gA, gB (fp32) and gf (bf16)
+    KernelOp("rev_backward_step", 16 + 2 + 12 + 2,
+             lambda M, D, dev: (*_states(M, D, dev, 2), _f(M, D, dev), *_states(M, D, dev, 2)),
+             lambda *t: ops.rev_backward_step(*t, A, C), _eager_backward_plain),
+    KernelOp("rev_backward_step+coef_grads", 16 + 2 + 12 + 2,
+             lambda M, D, dev: (*_states(M, D, dev, 2), _f(M, D, dev), *_states(M, D, dev, 2)),
+             lambda *t: ops.rev_backward_step(*t, A, C, coef_grads=True), _eager_backward_coef),
+    KernelOp("coupling_step", 4 + 2 + 4, lambda M, D, dev: (*_states(M, D, dev, 1), _f(M, D, dev)),
+             lambda x, g: ops.coupling_step(x, g, ALPHA), lambda x, g: ref.coupling_step(x, g, ALPHA)),
+)
+
+
+def bench_ms(fn, ctx, p) -> tuple:
+    """(median, p20, p80) ms of fn()."""
+    if ctx.device.type == "cuda":
+        from triton.testing import do_bench
+        return tuple(do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8]))
+    return time_ms(fn, ctx.device, warmup=p["warmup"], reps=p["reps"])
+
+
+def _fits(ctx, n_elems, bytes_per_elem) -> bool:
+    """Inputs plus room for eager temporaries (up to ~8 fp32 tensors) in free device memory."""
+    if ctx.device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(ctx.device)
+    return n_elems * (bytes_per_elem + 32) < 0.9 * free
+
+
+def _rows(op, provider, n, ms, bytes_moved, device) -> list:
+    med, p20, p80 = ms
+    gbps = [bytes_moved / (t * 1e6) for t in (med, p80, p20)]   # the slowest runs give the p20 bandwidth
+    base = dict(op=op, provider=provider, mode=MODE, x=n, device=device)
+    return [dict(base, metric="time_ms", median=med, p20=p20, p80=p80),
+            dict(base, metric="gbps", median=gbps[0], p20=gbps[1], p80=gbps[2])]
+
+
+def _measure_copy(ctx, p, n) -> list:
+    if not _fits(ctx, n, 8):
+        return []
+    src, dst = _states(n // p["d"], p["d"], ctx.device, 2)
+    return _rows("copy", "torch", n, bench_ms(lambda: dst.copy_(src), ctx, p), 8 * n, ctx.device_name)
+
+
+def _measure_op(ctx, p, op, n, compiled, skipped) -> list:
+    """Rows for `op` at n elements, each provider on the same inputs; what could not run goes to `skipped`."""
+    at = f"{op.name} at {n / 2 ** 20:g}M elements"
+    if not _fits(ctx, n, op.bytes_per_elem):
+        skipped.append(f"{at}: does not fit in free device memory")
+        return []
+    args = op.inputs(n // p["d"], p["d"], ctx.device)
+    providers = {"revkernels": op.fused, "eager": op.math}
+    if compiled:
+        providers["compile"] = compiled[op.name]
+    rows = []
+    for provider, fn in providers.items():
+        try:
+            ms = bench_ms(lambda: fn(*args), ctx, p)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            skipped.append(f"{at}, {provider}: out of memory")
+            continue
+        except Exception as err:  # noqa: BLE001 - e.g. torch.compile without a working toolchain
+            if provider != "compile":
+                raise
+            skipped.append(f"{at}, compile: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+            continue
+        rows += _rows(op.name, provider, n, ms, op.bytes_per_elem * n, ctx.device_name)
+    return rows
+
+
+def run(ctx) -> str:
+    p = PRESETS[ctx.preset]
+    compiled = {op.name: torch.compile(op.math, dynamic=False) for op in OPS} if p["compile"] else None
+    rows, skipped = [], []
+    with torch._dynamo.config.patch(recompile_limit=64):
+        for n in progress(sorted(set(p["sizes"]) | {p["copy_ref"]}), "kernels"):
+            rows += _measure_copy(ctx, p, n)
+            if n in p["sizes"]:
+                for op in OPS:
+                    rows += _measure_op(ctx, p, op, n, compiled, skipped)
+            if ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
+    write_csv(ctx.path("csv"), rows, COLUMNS)
+    return write_report(ctx, "Fused kernels: effective bandwidth", _markdown(ctx, p, rows, skipped),
+                        _plot(ctx, p, rows))
+
+
+def _gbps(rows, op, provider, n):
+    want = (op, provider, n, "gbps")
+    return next((r["median"] for r in rows if (r["op"], r["provider"], r["x"], r["metric"]) == want), None)
+
+
+def copy_reference(rows):
+    """(elements, GB/s) of the copy of the largest tensor measured (copy_ref, unless it did not fit)."""
+    n = max(r["x"] for r in rows if r["op"] == "copy")
+    return n, _gbps(rows, "copy", "torch", n)
+
+
+def _fmt(x, spec=".1f"):
+    return "—" if x is None else format(x, spec)
+
+
+def _markdown(ctx, p, rows, skipped) -> str:
+    copy_n, copy_bw = copy_reference(rows)
+    table = []
+    for op in OPS:
+        for n in p["sizes"]:
+            fused, eager, comp = (_gbps(rows, op.name, prov, n) for prov in ("revkernels", "eager", "compile"))
+            if fused is None:
+                continue
+            table.append([op.name, f"{n / 2 ** 20:g}M", f"{4 * n / 2 ** 20:g}", _fmt(fused), _fmt(eager), _fmt(comp),
+                          f"{100 * fused / copy_bw:.0f}%", _fmt(eager and fused / eager, ".2f") + "x",
+                          _fmt(comp and fused / comp, ".2f") + "x"])
+    header = ["op", "elements", "state MiB", "revkernels GB/s", "eager GB/s", "compile GB/s",
+              "revkernels / copy", "vs eager", "vs compile"]
+    bytes_note = ", ".join(f"{op.name} {op.bytes_per_elem}" for op in OPS)
+    skipped_note = "".join(f"\n- skipped: {s}" for s in skipped)
+    same_code = (" (the same code as `eager`: their gap is timing noise and op overhead)"
+                 if fused_path(ctx.device).startswith("PyTorch") else "")
+    return f"""
+Fused path on this device: **{fused_path(ctx.device)}**{same_code}. Tensors of shape (elements / {p['d']}, {p['d']}),
+scalar coefficients. Bytes counted per element: {bytes_note}; copy 8.
+Reference: copy bandwidth **{copy_bw:.1f} GB/s** (torch copy_, fp32, {copy_n / 2 ** 20:g}M elements, read + write).
+
+{markdown_table(header, table)}
+{skipped_note}
+Targets (DESIGN section 4, on a GPU): rev_step / rev_inverse >= 90% of the copy bandwidth for
+tensors of 64 MiB and more (PyTorch eager makes ~5 passes); the fused backward step >= 3x eager.
+"""
+
+
+def _plot(ctx, p, rows):
+    fig, axes = figure(3, ctx, "Fused ops: effective bandwidth (fp32 states, bf16 f)", nrows=2, height=3.8)
+    copy_n, copy_bw = copy_reference(rows)
+    for ax, op in zip(axes, OPS):
+        for provider, marker in (("revkernels", "o"), ("eager", "s"), ("compile", "^")):
+            pts = [(n, _gbps(rows, op.name, provider, n)) for n in p["sizes"]]
+            pts = [(n, g) for n, g in pts if g is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker=marker, label=provider)
+        ax.axhline(copy_bw, color="black", ls=":", label=f"copy {copy_bw:.0f} GB/s")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("elements")
+        ax.set_ylabel("GB/s")
+        ax.set_ylim(bottom=0)
+        ax.set_title(op.name, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    n = max(p["sizes"])
+    names = [op.name.replace("+", "+\n") for op in OPS]
+    speedups = [(_gbps(rows, op.name, "revkernels", n) or 0) / (_gbps(rows, op.name, "eager", n) or 1) for op in OPS]
+    axes[-1].bar(range(len(OPS)), speedups, color="tab:blue")
+    axes[-1].axhline(1.0, color="black", lw=0.8)
+    axes[-1].set_xticks(range(len(OPS)), names, fontsize=7, rotation=30)
+    axes[-1].set_ylabel("revkernels / eager")
+    axes[-1].set_title(f"speed-up over eager at {n / 2 ** 20:g}M elements", fontsize=10)
+    return fig
