@@ -1,18 +1,8 @@
-"""Max batch by memory budget (paper Table 3).
+"""Largest training batch per emulated GPU memory budget (paper Table 3).
 
-    python benchmarks/max_batch.py [--preset cpu|gpu] [--out DIR]
-
-Thin entry point to `python -m revkernels.bench max-batch --out plots --tag-device`: writes
-DIR/max-batch-<device>.csv, .png and .md (DIR defaults to the checkout's plots/).
-See revkernels/bench/__main__.py.
+    python benchmarks/max_batch.py [--preset cpu|gpu] [--out DIR]   # = python -m revkernels.bench max-batch
 """
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))   # runs from a checkout without installing
-
-from revkernels.bench.__main__ import main  # noqa: E402
+from _entry import run
 
 if __name__ == "__main__":
-    sys.exit(main(["max-batch", "--out", str(ROOT / "plots"), "--tag-device", *sys.argv[1:]]))
+    run("max-batch")

@@ -1,18 +1,8 @@
-"""Training memory against depth, every arch (paper Fig. 3).
+"""Training memory against depth for every GPT arch (paper Fig. 3).
 
-    python benchmarks/memory_depth.py [--preset cpu|gpu] [--out DIR]
-
-Thin entry point to `python -m revkernels.bench memory-depth --out plots --tag-device`: writes
-DIR/memory-depth-<device>.csv, .png and .md (DIR defaults to the checkout's plots/).
-See revkernels/bench/__main__.py.
+    python benchmarks/memory_depth.py [--preset cpu|gpu] [--out DIR]   # = python -m revkernels.bench memory-depth
 """
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))   # runs from a checkout without installing
-
-from revkernels.bench.__main__ import main  # noqa: E402
+from _entry import run
 
 if __name__ == "__main__":
-    sys.exit(main(["memory-depth", "--out", str(ROOT / "plots"), "--tag-device", *sys.argv[1:]]))
+    run("memory-depth")
