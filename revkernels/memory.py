@@ -11,6 +11,7 @@
 import gc
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 
 def _storage_key(t):
@@ -80,8 +81,8 @@ def live_tensor_bytes(exclude=()):
     gc.collect()
     tensors, roots = [], []
     for obj in gc.get_objects():
-        if not issubclass(type(obj), torch.Tensor):
-            continue
+        if not issubclass(type(obj), torch.Tensor) or issubclass(type(obj), FakeTensor):
+            continue  # FakeTensors (left by torch.compile tracing) own no memory
         tensors.append(obj)
         try:
             if obj.grad_fn is not None:
