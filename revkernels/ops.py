@@ -8,6 +8,7 @@ Coefficients ``a``, ``c``, ``alpha``: a Python float, a 0-d tensor, or a 1-d ten
 broadcast on the last dim. Arithmetic is fp32; each result is cast to its buffer's dtype on store.
 The ops are not differentiable: the reversible scheduler calls them on detached buffers.
 """
+import contextlib
 import os
 from typing import Optional
 
@@ -93,7 +94,13 @@ def _tiles(M: int, D: int, family: str):
     block_m = max(1, min(TILE_ELEMS[family] // block_d, triton.next_power_of_2(M)))
     num_warps = 8 if block_m * block_d >= 4096 else 4
     grid = (triton.cdiv(M, block_m), triton.cdiv(D, block_d))
-    return dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps), grid
+    # FMA contraction stays on explicitly (Triton 3.10 turns its default off); the tests' bounds allow it.
+    return dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=True), grid
+
+
+def _device_guard(t: Tensor):
+    """Triton launches on the current CUDA device and stream: make that the tensors' device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _strides(*views):
@@ -116,10 +123,11 @@ def _three_term_op(out: Tensor, x: Tensor, y: Tensor, f: Tensor, a_t: Optional[T
     xv, yv, fv = _read_2d(x), _read_2d(y), _read_2d(f)
     M, D = o.view.shape
     meta, grid = _tiles(M, D, "three_term")
-    three_term_kernel[grid](o.view, xv, yv, fv, a_t if a_t is not None else xv,
-                            c_t if c_t is not None else xv, a_s, c_s, M, D,
-                            *_strides(o.view, xv, yv, fv),
-                            A_MODE=_mode(a_t), C_MODE=_mode(c_t), INVERSE=inverse, **meta)
+    with _device_guard(out):
+        three_term_kernel[grid](o.view, xv, yv, fv, a_t if a_t is not None else xv,
+                                c_t if c_t is not None else xv, a_s, c_s, M, D,
+                                *_strides(o.view, xv, yv, fv),
+                                A_MODE=_mode(a_t), C_MODE=_mode(c_t), INVERSE=inverse, **meta)
     o.commit()
 
 
@@ -153,11 +161,12 @@ def _backward_step_op(A: Tensor, B: Tensor, f: Tensor, gA: Tensor, gB: Tensor,
     # Per-tile column sums of the coefficient gradients; without them the kernel never touches
     # these pointers, so gf stands in (a real allocation, unlike an empty tensor's null pointer).
     parts = torch.empty((2, grid[0], D), dtype=torch.float32, device=A.device) if coef_grads else (gf, gf)
-    backward_step_kernel[grid](wA.view, Bv, fv, wgA.view, wgB.view, gf, parts[0], parts[1],
-                               a_t if a_t is not None else Bv, c_t if c_t is not None else Bv,
-                               a_s, c_s, M, D,
-                               *_strides(wA.view, Bv, fv, wgA.view, wgB.view, gf),
-                               A_MODE=_mode(a_t), C_MODE=_mode(c_t), COEF_GRADS=coef_grads, **meta)
+    with _device_guard(A):
+        backward_step_kernel[grid](wA.view, Bv, fv, wgA.view, wgB.view, gf, parts[0], parts[1],
+                                   a_t if a_t is not None else Bv, c_t if c_t is not None else Bv,
+                                   a_s, c_s, M, D,
+                                   *_strides(wA.view, Bv, fv, wgA.view, wgB.view, gf),
+                                   A_MODE=_mode(a_t), C_MODE=_mode(c_t), COEF_GRADS=coef_grads, **meta)
     for w in (wA, wgA, wgB):
         w.commit()
     gf = gf.view(A.shape)
@@ -196,9 +205,10 @@ def _coupling_op(out: Tensor, x: Tensor, g: Tensor, gx: Optional[Tensor],
     gxv = wgx.view if wgx is not None else xv
     M, D = o.view.shape
     meta, grid = _tiles(M, D, "coupling")
-    coupling_kernel[grid](o.view, xv, gv, gxv, alpha_t if alpha_t is not None else xv, alpha_s, M, D,
-                          *_strides(o.view, xv, gv, gxv),
-                          ALPHA_MODE=_mode(alpha_t), INVERSE=inverse, SCALE_GRAD=gx is not None, **meta)
+    with _device_guard(out):
+        coupling_kernel[grid](o.view, xv, gv, gxv, alpha_t if alpha_t is not None else xv, alpha_s, M, D,
+                              *_strides(o.view, xv, gv, gxv),
+                              ALPHA_MODE=_mode(alpha_t), INVERSE=inverse, SCALE_GRAD=gx is not None, **meta)
     o.commit()
     if wgx is not None:
         wgx.commit()

@@ -14,6 +14,7 @@ from typing import List, Sequence
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .ops import backward_step_, coupling_, three_term_
 from .replay import AutocastState, ForwardContext
@@ -106,6 +107,7 @@ class ThreeTermFunction(torch.autograd.Function):
         return _output(cur, x.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         _refuse_second_backward(ctx)
         prev, last, a, c = ctx.saved_tensors
@@ -150,6 +152,7 @@ class HamiltonianFunction(torch.autograd.Function):
         return _output(p, x.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         _refuse_second_backward(ctx)
         q_saved, p_saved = ctx.saved_tensors

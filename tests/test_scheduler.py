@@ -447,6 +447,15 @@ def test_second_backward_refused(scheme):
         torch.autograd.grad(y.sum(), xx)
 
 
+def test_double_backward_refused():
+    """Gradients of gradients are not supported: create_graph gives a graph that says so."""
+    stack = make("midpoint", 2)
+    xx = inputs().clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(stack(xx).pow(2).sum(), xx, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
+
+
 @pytest.mark.parametrize("scheme", ("leapfrog", "hamiltonian"))
 def test_each_block_recomputed_exactly_once(scheme):
     stack = make(scheme, 5)

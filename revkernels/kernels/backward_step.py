@@ -24,7 +24,7 @@ def backward_step_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: no offset overflow
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = cols < D
     mask = (rows < M)[:, None] & mask_d[None, :]
@@ -40,7 +40,7 @@ def backward_step_kernel(
     gA = tl.load(gA_ptr + gA_offs, mask=mask, other=0.0).to(tl.float32)
     gB = tl.load(gB_ptr + gB_offs, mask=mask).to(tl.float32)
 
-    A_new = (A - (1.0 - a) * B - c * f) / a
+    A_new = tl.math.div_rn(A - (1.0 - a) * B - c * f, a)
     tl.store(A_ptr + A_offs, A_new.to(A_ptr.dtype.element_ty), mask=mask)
     gf_offs = tile_offsets(s_gf_m, s_gf_d, rows, cols)
     tl.store(gf_ptr + gf_offs, (c * gA).to(gf_ptr.dtype.element_ty), mask=mask)

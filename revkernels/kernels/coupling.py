@@ -16,7 +16,7 @@ def coupling_kernel(
     ALPHA_MODE: tl.constexpr, INVERSE: tl.constexpr, SCALE_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: no offset overflow
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = cols < D
     mask = (rows < M)[:, None] & mask_d[None, :]
@@ -24,7 +24,7 @@ def coupling_kernel(
     x = tl.load(x_ptr + tile_offsets(s_x_m, s_x_d, rows, cols), mask=mask).to(tl.float32)
     g = tl.load(g_ptr + tile_offsets(s_g_m, s_g_d, rows, cols), mask=mask).to(tl.float32)
     if INVERSE:
-        res = (x - g) / alpha
+        res = tl.math.div_rn(x - g, alpha)
     else:
         res = alpha * x + g
     out_offs = tile_offsets(s_out_m, s_out_d, rows, cols)

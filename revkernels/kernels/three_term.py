@@ -18,7 +18,7 @@ def three_term_kernel(
     A_MODE: tl.constexpr, C_MODE: tl.constexpr, INVERSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: no offset overflow
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = cols < D
     mask = (rows < M)[:, None] & mask_d[None, :]
@@ -28,7 +28,7 @@ def three_term_kernel(
     y = tl.load(y_ptr + tile_offsets(s_y_m, s_y_d, rows, cols), mask=mask).to(tl.float32)
     f = tl.load(f_ptr + tile_offsets(s_f_m, s_f_d, rows, cols), mask=mask).to(tl.float32)
     if INVERSE:
-        res = (x - (1.0 - a) * y - c * f) / a
+        res = tl.math.div_rn(x - (1.0 - a) * y - c * f, a)
     else:
         res = a * x + (1.0 - a) * y + c * f
     out_offs = tile_offsets(s_out_m, s_out_d, rows, cols)
