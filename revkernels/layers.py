@@ -27,6 +27,26 @@ def draw_midpoint_a(n_layers, generator=None):
     return (sign + u / 2).float()
 
 
+def per_layer_a(a, n):
+    """a as a float32 tensor of n per-layer values, shape (n,) or (n, d); refuses 0 and non-finite values."""
+    if isinstance(a, bool):
+        raise TypeError("a must be a float, a sequence of per-layer values or a tensor, got a bool")
+    if isinstance(a, (int, float)):
+        t = torch.full((n,), float(a))
+    else:
+        t = torch.as_tensor(a).detach().to(torch.float32).clone()
+        if t.dim() == 0:
+            t = t.expand(n).clone()
+        if t.dim() > 2 or t.shape[0] != n:
+            raise ValueError(f"a has shape {tuple(t.shape)}: expected a float or {n} per-layer values "
+                             f"(shape ({n},), or ({n}, d) per channel)")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError("a must be finite")
+    if bool((t == 0).any()):
+        raise ValueError("a contains 0: a layer with a_j = 0 is not invertible")
+    return t
+
+
 def _refuse_stateful(blocks):
     for block in blocks:
         for m in block.modules():
@@ -96,30 +116,13 @@ class ReversibleStack(_StackBase):
             raise ValueError(f"a is fixed by scheme {scheme!r}; pass it only with scheme='midpoint_a'")
         coef_a = {"midpoint": torch.ones(n), "leapfrog": -torch.ones(n)}.get(scheme)
         if coef_a is None:
-            coef_a = self._per_layer_a(a, n, generator)
+            coef_a = draw_midpoint_a(n, generator) if a is None else per_layer_a(a, n)
         c = {"midpoint": 2 * self.h, "leapfrog": self.h ** 2, "midpoint_a": self.h}[scheme]
         if learnable_a:
             self.a = nn.Parameter(coef_a)
         else:
             self.register_buffer("a", coef_a)
         self.register_buffer("c", torch.full((n,), c))
-
-    @staticmethod
-    def _per_layer_a(a, n, generator):
-        if a is None:
-            return draw_midpoint_a(n, generator)
-        if isinstance(a, (int, float)) and not isinstance(a, bool):
-            t = torch.full((n,), float(a))
-        else:
-            t = torch.as_tensor(a, dtype=torch.float32).clone()
-            if t.dim() == 0:
-                t = t.expand(n).clone()
-            if t.shape[0] != n or t.dim() > 2:
-                raise ValueError(f"a has shape {tuple(t.shape)}: expected {n} per-layer values "
-                                 f"(shape ({n},) or ({n}, d) for per-channel values)")
-        if bool((t == 0).any()):
-            raise ValueError("a contains 0: a layer with a_j = 0 is not invertible")
-        return t
 
     def forward(self, x):
         self._check_input(x)

@@ -48,14 +48,15 @@ def uses_triton(t: Tensor) -> bool:
 # ---------------------------------------------------------------- launch helpers
 
 def _coef(x):
-    """(tensor or None, python value, MODE) for load_coef: 0 float, 1 0-d tensor, 2 per channel.
-    A per-channel tensor is made contiguous: load_coef reads it at unit stride."""
+    """(tensor or None, python value) of a coefficient, as the custom ops take it. A per-channel
+    tensor is made contiguous: load_coef reads it at unit stride."""
     if isinstance(x, Tensor):
-        return (x, 0.0, 1) if x.dim() == 0 else (x.contiguous(), 0.0, 2)
-    return None, float(x), 0
+        return x.contiguous(), 0.0
+    return None, float(x)
 
 
 def _mode(t: Optional[Tensor]) -> int:
+    """load_coef's MODE: 0 Python float, 1 0-d tensor, 2 per-channel tensor."""
     return 0 if t is None else (1 if t.dim() == 0 else 2)
 
 
@@ -223,23 +224,23 @@ def _(out, x, g, gx, alpha_t, alpha_s, inverse):
 
 def three_term_(out, x, y, f, a, c, inverse=False):
     """out <- a*x + (1-a)*y + c*f, or (x - (1-a)*y - c*f)/a when inverse. No validation."""
-    a_t, a_s, _ = _coef(a)
-    c_t, c_s, _ = _coef(c)
+    a_t, a_s = _coef(a)
+    c_t, c_s = _coef(c)
     _three_term_op(out, x, y, f, a_t, a_s, c_t, c_s, inverse)
     return out
 
 
 def backward_step_(A, B, f, gA, gB, a, c, coef_grads=False):
     """The fused backward step (see rev_backward_step). No validation."""
-    a_t, a_s, _ = _coef(a)
-    c_t, c_s, _ = _coef(c)
+    a_t, a_s = _coef(a)
+    c_t, c_s = _coef(c)
     gf, da, dc = _backward_step_op(A, B, f, gA, gB, a_t, a_s, c_t, c_s, coef_grads)
     return (gf, da, dc) if coef_grads else (gf, None, None)
 
 
 def coupling_(out, x, g, alpha, inverse=False, gx=None):
     """out <- alpha*x + g, or (x - g)/alpha (and gx <- alpha*gx) when inverse. No validation."""
-    alpha_t, alpha_s, _ = _coef(alpha)
+    alpha_t, alpha_s = _coef(alpha)
     _coupling_op(out, x, g, gx, alpha_t, alpha_s, inverse)
     return out
 

@@ -29,7 +29,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..layers import ReversibleStack
+from ..layers import ReversibleStack, per_layer_a
 
 ACoef = Union[float, Sequence[float], torch.Tensor]
 
@@ -76,26 +76,6 @@ def _check_iterations(iterations):
         raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
 
 
-def _per_layer_a(a, n):
-    """a as a float32 tensor of shape (n,) or (n, d); refuses 0 and non-finite values."""
-    if isinstance(a, bool):
-        raise TypeError("a must be a float, a sequence of per-layer values or a tensor, got a bool")
-    if isinstance(a, (int, float)):
-        t = torch.full((n,), float(a))
-    else:
-        t = torch.as_tensor(a).detach().to(torch.float32).clone()
-        if t.dim() == 0:
-            t = t.expand(n).clone()
-        if t.dim() > 2 or t.shape[0] != n:
-            raise ValueError(f"a has shape {tuple(t.shape)}: expected a float or {n} per-layer values "
-                             f"(shape ({n},), or ({n}, d) per channel)")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError("a must be finite")
-    if bool((t == 0).any()):
-        raise ValueError("a contains 0: a_j = 0 is not invertible (the reversible backward divides by a_j)")
-    return t
-
-
 class RetrofitStack(nn.Module):
     """The retrofitted stack: `updates` are the residual updates f_j (modules mapping (B, T, d) to
     (B, T, d), as in a residual stack p + f_j(p)); forward(x, context=None) returns p[L] of eq. 4.5.
@@ -114,7 +94,7 @@ class RetrofitStack(nn.Module):
         _check_iterations(iterations)
         self.updates = nn.ModuleList(updates)
         device = next((t.device for u in updates for t in u.parameters()), torch.device("cpu"))
-        self.register_buffer("a", _per_layer_a(a, len(updates)).to(device))
+        self.register_buffer("a", per_layer_a(a, len(updates)).to(device))
         self.iterations = iterations
         self.state_dtype = state_dtype
         self.preserve_rng_state = preserve_rng_state
