@@ -27,12 +27,27 @@ class StackRun:
     state_dtype: torch.dtype
     preserve_rng: bool
     params: List[List[torch.Tensor]] = field(init=False)
+    names: List[List[str]] = field(init=False)
 
     def __post_init__(self):
-        self.params = [list(b.parameters()) for b in self.blocks]
+        _refuse_fsdp1(self.blocks)
+        named = [list(b.named_parameters()) for b in self.blocks]
+        self.params = [[p for _, p in ps] for ps in named]
+        self.names = [[n for n, _ in ps] for ps in named]
 
     def flat_params(self):
         return [p for ps in self.params for p in ps]
+
+
+def _refuse_fsdp1(blocks):
+    """FSDP1 flattens a wrapped block's parameters into one FlatParameter whose gradient its hooks
+    route back; its hooks do not survive the reversible backward's recompute: use FSDP2."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    for j, block in enumerate(blocks):
+        if any(isinstance(m, FullyShardedDataParallel) for m in block.modules()):
+            raise RuntimeError(
+                f"block {j} is wrapped by FSDP1 (FullyShardedDataParallel), which reversible stacks do "
+                "not support. Use FSDP2: `fully_shard(block)` on each block, then `fully_shard(model)`")
 
 
 def checked_update(block, j, state):
@@ -45,21 +60,111 @@ def checked_update(block, j, state):
     return f
 
 
+def _fsdp2_rearm(block):
+    """Lets FSDP2 modules inside `block` that already finished their backward in this pass run a
+    fresh forward/backward cycle for this recompute.
+
+    A module can serve two stack blocks (a retrofit's f_{j-1} is called by F_{j-1} and F_j). After the
+    first block's vjp its FSDP2 group has reduce-scattered (POST_BACKWARD) while its state stays
+    PRE_BACKWARD, which FSDP2 reads as an activation-checkpoint recompute covered by a running backward:
+    it would register no post-backward hook and the second contribution would be lost. Returning both
+    to IDLE makes the recompute register its hooks again; the second reduce-scatter adds into the
+    sharded gradient. (FSDP2 internals: torch.distributed.fsdp._fully_shard, checked by tests/test_fsdp.py.)
+    """
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+    for m in block.modules():
+        if not isinstance(m, FSDPModule):
+            continue
+        state = m._get_fsdp_state()
+        groups = state._fsdp_param_groups
+        if groups and all(g._training_state == TrainingState.POST_BACKWARD for g in groups):
+            for g in groups:
+                g._training_state = TrainingState.IDLE
+            state._training_state = TrainingState.IDLE
+
+
 def _recompute(block, state, fwd_ctx, autocast):
     """(input leaf, output) of block(state) with grad, under the forward's RNG and autocast."""
+    _fsdp2_rearm(block)
     inp = state.detach().requires_grad_(True)
     with torch.enable_grad(), fwd_ctx.replay(), autocast.replay():
         out = block(inp)
     return inp, out
 
 
-def _vjp(out, inp, params, cotangent, param_grads):
-    """Returns dL/dinp = J^T cotangent and appends each parameter's gradient (None if frozen)."""
+def graph_leaves(out, j):
+    """The leaf tensors that block j's output `out` accumulates into (its graph's AccumulateGrad nodes).
+    Refuses a reentrant checkpoint inside the block: it only runs under a plain .backward()."""
+    leaves, seen, todo = [], set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            raise RuntimeError(
+                f"block {j} runs torch.utils.checkpoint(..., use_reentrant=True), which cannot be "
+                "differentiated inside a reversible stack's backward. Use use_reentrant=False, or drop "
+                "the checkpoint: the reversible backward already recomputes each block")
+        variable = getattr(node, "variable", None)      # only AccumulateGrad nodes have one
+        if variable is not None:
+            leaves.append(variable)
+        else:
+            todo.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
+
+
+def _fsdp2_managed(block, p):
+    """True when `p` is a parameter that FSDP2 shards under `block`: a DTensor owned by an FSDP2 module
+    inside it. Its recompute runs on the unsharded tensor FSDP2 registers at that forward, whose .grad
+    FSDP2's post-backward hook reduce-scatters back onto `p`."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    return isinstance(p, DTensor) and any(isinstance(m, FSDPModule) for m in block.modules())
+
+
+def _fsdp1_hint(swapped):
+    if any(type(t).__name__ == "FlatParameter" for t in swapped):
+        return " (FSDP1's FlatParameter: use FSDP2, `fully_shard` on each block and then the model)"
+    return ""
+
+
+def block_vjp(j, block, out, inp, params, names, cotangent, param_grads):
+    """dL/dinp = J_j^T cotangent; appends one gradient (or None) per recorded parameter to param_grads.
+
+    `params` are the block's parameters recorded at the forward, `names` their names in the block. When the recompute used exactly those
+    tensors, their gradients are taken with autograd.grad and returned as the Function's input
+    gradients (one AccumulateGrad per parameter per step, as DDP expects). A wrapper that swaps
+    parameters under the block (per-block FSDP2 unshards into new tensors at each forward) makes the
+    recompute use other leaves; then the vjp runs as an ordinary backward into those leaves' .grad, so
+    the wrapper's hooks fire (FSDP2 reduce-scatters from the unsharded parameters' .grad), and a
+    recorded parameter that requires grad but is reached by no gradient raises: never a silent None.
+    """
+    if not out.requires_grad:                  # an update with no graph (e.g. zeros): J = 0
+        param_grads.extend(None for _ in params)
+        return None
     wanted = [p for p in params if p.requires_grad]
-    grads = iter(torch.autograd.grad(out, [inp, *wanted], cotangent, allow_unused=True))
-    g_inp = next(grads)
-    param_grads.extend(next(grads) if p.requires_grad else None for p in params)
-    return g_inp
+    recorded = {id(p) for p in params}
+    leaves = [t for t in graph_leaves(out, j) if t is not inp]
+    swapped = [t for t in leaves if id(t) not in recorded]
+    if not swapped:
+        grads = iter(torch.autograd.grad(out, [inp, *wanted], cotangent, allow_unused=True))
+        g_inp = next(grads)
+        param_grads.extend(next(grads) if p.requires_grad else None for p in params)
+        return g_inp
+    used = {id(t) for t in leaves}
+    for name, p in zip(names, params):
+        if p.requires_grad and id(p) not in used and not _fsdp2_managed(block, p):
+            raise RuntimeError(
+                f"reversible backward: parameter {name!r} of block {j} "
+                f"({type(block).__name__}) requires grad but its recompute used other tensors "
+                f"({len(swapped)} swapped-in leaves) that nothing routes back to it, so it would get no "
+                f"gradient. A wrapper replaces parameters under the block{_fsdp1_hint(swapped)}; supported "
+                "are per-block FSDP2 (fully_shard) and wrappers that keep the module's own parameters")
+    torch.autograd.backward(out, cotangent, inputs=[inp, *leaves] if leaves else [inp])
+    param_grads.extend(None for _ in params)   # accumulated in place into the leaves' .grad
+    return inp.grad
 
 
 def _add_(acc, g):
@@ -121,7 +226,7 @@ class ThreeTermFunction(torch.autograd.Function):
             inp, f = _recompute(run.blocks[j], B, ctx.fwd_ctxs[j], ctx.autocast)
             gf, da_j, dc_j = backward_step_(A, B, f.detach(), gA, gB, a[j], c[j], coef_grads)
             grads_j = []
-            _add_(gB, _vjp(f, inp, run.params[j], gf, grads_j))
+            _add_(gB, block_vjp(j, run.blocks[j], f, inp, run.params[j], run.names[j], gf, grads_j))
             param_grads.append(grads_j)
             da.append(da_j), dc.append(dc_j)
             A, B, gA, gB = B, A, gB, gA
@@ -164,10 +269,10 @@ class HamiltonianFunction(torch.autograd.Function):
         for l in reversed(range(0, len(run.blocks), 2)):
             grads_m, grads_g = [], []
             inp, m = _recompute(run.blocks[l + 1], q, ctx.fwd_ctxs[l + 1], ctx.autocast)
-            _add_(gq, _vjp(m, inp, run.params[l + 1], gp.to(m.dtype), grads_m))   # dL/dq[l] complete
+            _add_(gq, block_vjp(l + 1, run.blocks[l + 1], m, inp, run.params[l + 1], run.names[l + 1], gp.to(m.dtype), grads_m))   # dL/dq[l] complete
             coupling_(p, p, m.detach(), b, inverse=True, gx=gp)              # p <- p[l-1], gp <- b*gp
             inp, g = _recompute(run.blocks[l], p, ctx.fwd_ctxs[l], ctx.autocast)
-            _add_(gp, _vjp(g, inp, run.params[l], gq.to(g.dtype), grads_g))   # dL/dp[l-1] complete
+            _add_(gp, block_vjp(l, run.blocks[l], g, inp, run.params[l], run.names[l], gq.to(g.dtype), grads_g))   # dL/dp[l-1] complete
             coupling_(q, q, g.detach(), a, inverse=True, gx=gq)              # q <- q[l-1], gq <- a*gq
             param_grads += [grads_m, grads_g]
         g_x = (gq + gp).to(ctx.x_dtype)
