@@ -2,6 +2,7 @@
 non-zero exit (no traceback), a shortened --seq-len is announced. Models are tiny and random."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -93,7 +94,6 @@ def _bad_pt(tmp):
     (lambda d, tmp: ["--out", tokens_file(tmp)], "not a directory"),
 ])
 def test_input_errors_exit_with_one_line(teacher_dir, tmp_path, make_args, match):
-    import re
     args = ["--model", teacher_dir, "--out", tmp_path / "out", "--steps", "1", "--seq-len", "8", "--no-progress"]
     args += make_args(teacher_dir, tmp_path)                    # later options override earlier ones
     with pytest.raises(SystemExit) as info:
