@@ -116,6 +116,8 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence length {T} exceeds cfg.seq_len={self.cfg.seq_len}")
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(f"targets has shape {tuple(targets.shape)}, expected {tuple(idx.shape)} like idx")
         pos = torch.arange(T, device=idx.device)
         x = self.ln_f(self.body(self.drop(self.wte(idx) + self.wpe(pos))))
         if targets is None:
@@ -123,5 +125,44 @@ class GPT(nn.Module):
         if self.cfg.loss_chunk_tokens > 0:
             return None, chunked_cross_entropy(x, self.lm_head.weight, targets, self.cfg.loss_chunk_tokens)
         logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1), ignore_index=-1)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, *, generator=None):
+        """idx (B, T) extended by max_new_tokens sampled tokens: returns (B, T + max_new_tokens).
+
+        Each step feeds the last cfg.seq_len tokens (the context is cropped, there is no KV cache, so
+        every arch, reversible ones included, runs its ordinary forward) and samples the next token
+        from softmax(logits[:, -1] / temperature), restricted to the top_k most likely tokens when
+        top_k is given (top_k=1 is greedy decoding). Runs under no_grad and in eval mode (dropout off);
+        the model's training flag is restored afterwards. generator: a torch.Generator on idx's device
+        for the sampling (default: the global RNG).
+        """
+        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long:
+            raise TypeError(f"idx must be a torch.long tensor of token ids, got "
+                            f"{idx.dtype if isinstance(idx, torch.Tensor) else type(idx).__name__}")
+        if idx.dim() != 2 or idx.shape[1] == 0:
+            raise ValueError(f"idx must have shape (batch, T) with T >= 1, got {tuple(idx.shape)}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.cfg.vocab_size):
+            raise ValueError(f"idx holds token ids outside [0, vocab_size={self.cfg.vocab_size})")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+        was_training = self.training
+        self.eval()
+        try:
+            for _ in range(max_new_tokens):
+                logits = self(idx[:, -self.cfg.seq_len:])[0][:, -1, :].float() / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+                idx = torch.cat([idx, nxt], dim=1)
+        finally:
+            self.train(was_training)
+        return idx

@@ -38,6 +38,7 @@ are real with product -1, so any real t != 0 has one eigenvalue outside the unit
 """
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = [
     "A_MEAN",
@@ -215,6 +216,9 @@ def jacobian_top_eigenvalues(block, x, k=4, iters=32, seed=0):
     the Ritz values eig(H) approximate J's extremal eigenvalues. Start vector: standard normal
     from ``torch.Generator().manual_seed(seed)``. Work happens in x's dtype (use float64 for
     accuracy); blocks with dropout must be in eval mode so every J v sees the same function.
+    ``torch.nn.functional.scaled_dot_product_attention`` calls inside ``block`` (``rk.TransformerBlock``)
+    run on SDPA's math backend during the probe, the one with a forward-mode derivative; attention
+    through the ``flash_attn`` package (CUDA fp16/bf16 with it installed) has none: probe in fp32/fp64.
     Returns a complex128 numpy array of length k, sorted by decreasing modulus (ties: imag desc).
     """
     x = x.detach()
@@ -227,7 +231,9 @@ def jacobian_top_eigenvalues(block, x, k=4, iters=32, seed=0):
     eps = torch.finfo(x.dtype).eps
 
     def matvec(u):
-        with torch.no_grad():
+        # Forward-mode AD has no rule for SDPA's fused kernels (CPU flash, CUDA flash/efficient):
+        # attention inside `block` runs through the math backend for the probe only.
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             out = torch.func.jvp(block, (x,), (u.view_as(x),))[1]
         if out.shape != x.shape:
             raise ValueError(f"block must map x.shape {tuple(x.shape)} to itself, got {tuple(out.shape)}")

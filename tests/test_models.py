@@ -97,3 +97,100 @@ def test_bad_config_is_refused(bad, match):
 def test_too_long_sequence_is_refused():
     with pytest.raises(ValueError, match="seq_len"):
         tiny("baseline")(torch.randint(0, VOCAB, (1, 17)))
+
+
+# ---------------------------------------------------------------- non-contiguous inputs
+
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_non_contiguous_idx_and_targets_give_the_contiguous_loss(chunk):
+    model = tiny("midpoint", loss_chunk_tokens=chunk)
+    data = torch.randint(0, VOCAB, (3, 17))
+    idx, targets = data[:, :-1], data[:, 1:]
+    assert not idx.is_contiguous() and not targets.is_contiguous()
+    _, loss = model(idx, targets)
+    _, ref = model(idx.contiguous(), targets.contiguous())
+    assert torch.equal(loss, ref)
+    loss.backward()
+
+
+def test_targets_of_the_wrong_shape_are_refused():
+    with pytest.raises(ValueError, match="targets"):
+        tiny()(torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 7, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- generate
+
+def argmax_rollout(model, idx, n):
+    """Greedy decoding by hand: append argmax of the last position's logits, context cropped to seq_len."""
+    for _ in range(n):
+        logits, _ = model(idx[:, -model.cfg.seq_len:])
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_each_arch(arch):
+    model = tiny(arch)
+    prompt = torch.randint(0, VOCAB, (2, 20))               # longer than seq_len=16: the context is cropped
+    torch.manual_seed(1)
+    out = model.generate(prompt, 5)
+    assert out.shape == (2, 25) and out.dtype == torch.long
+    assert torch.equal(out[:, :20], prompt)
+    assert int(out.min()) >= 0 and int(out.max()) < VOCAB
+    torch.manual_seed(1)
+    assert torch.equal(model.generate(prompt, 5), out)       # same seed, same samples
+    model.eval()
+    with torch.no_grad():
+        greedy = argmax_rollout(model, prompt, 5)
+    model.train()
+    assert torch.equal(model.generate(prompt, 5, top_k=1), greedy)
+
+
+def test_generate_runs_in_eval_mode_and_restores_training():
+    model = tiny("leapfrog", dropout=0.5)
+    prompt = torch.randint(0, VOCAB, (2, 4))
+    assert model.training
+    first = model.generate(prompt, 6, top_k=1)
+    assert model.training                                    # restored
+    assert torch.equal(model.generate(prompt, 6, top_k=1), first)   # no dropout noise
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(first, argmax_rollout(model, prompt, 6))
+
+
+def test_generate_top_k_restricts_the_samples():
+    model = tiny("baseline")
+    prompt = torch.randint(0, VOCAB, (1, 5)).expand(256, 5)
+    with torch.no_grad():
+        top2 = set(model.eval()(prompt[:1])[0][0, -1].topk(2).indices.tolist())
+    gen = torch.Generator().manual_seed(0)
+    restricted = set(model.generate(prompt, 1, top_k=2, generator=gen)[:, -1].tolist())
+    unrestricted = set(model.generate(prompt, 1, generator=gen)[:, -1].tolist())
+    assert restricted == top2
+    assert len(unrestricted) > 10                            # near-uniform logits at init: many tokens
+
+
+def test_generate_does_not_record_a_graph():
+    out = tiny("midpoint").generate(torch.zeros(1, 3, dtype=torch.long), 2)
+    assert not out.requires_grad
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(idx=torch.zeros(2, 3)), TypeError, "idx"),
+    (dict(idx=[[1, 2]]), TypeError, "idx"),
+    (dict(idx=torch.zeros(3, dtype=torch.long)), ValueError, "idx"),
+    (dict(idx=torch.zeros(2, 0, dtype=torch.long)), ValueError, "idx"),
+    (dict(idx=torch.full((1, 2), VOCAB)), ValueError, "vocab_size"),
+    (dict(max_new_tokens=-1), ValueError, "max_new_tokens"),
+    (dict(max_new_tokens=2.0), ValueError, "max_new_tokens"),
+    (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(temperature=-1.0), ValueError, "temperature"),
+    (dict(temperature=float("nan")), ValueError, "temperature"),
+    (dict(top_k=0), ValueError, "top_k"),
+    (dict(top_k=1.5), ValueError, "top_k"),
+])
+def test_generate_refuses_bad_arguments(kwargs, err, match):
+    args = dict(idx=torch.zeros(1, 2, dtype=torch.long), max_new_tokens=1)
+    args.update(kwargs)
+    with pytest.raises(err, match=match):
+        tiny().generate(**args)

@@ -397,3 +397,23 @@ def test_plot_writes_png(tmp_path):
     assert st.plot_stability_regions(path) == path
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+def test_jacobian_probe_transformer_block_matches_dense_jacobian(device):
+    # SDPA's fused kernels (CPU flash, CUDA flash/efficient) have no forward-mode derivative; the probe
+    # must run attention on the math backend, and only for its own duration.
+    import revkernels as rk
+    torch.manual_seed(0)
+    block = rk.TransformerBlock(16, 2).double().to(device).eval()
+    x = torch.randn(1, 3, 16, dtype=torch.float64, device=device)
+    flags = [f() for f in (torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.mem_efficient_sdp_enabled,
+                           torch.backends.cuda.math_sdp_enabled)]
+    got = st.jacobian_top_eigenvalues(block, x, k=4, iters=x.numel())      # full Krylov space: exact
+    assert flags == [f() for f in (torch.backends.cuda.flash_sdp_enabled,
+                                   torch.backends.cuda.mem_efficient_sdp_enabled,
+                                   torch.backends.cuda.math_sdp_enabled)]
+    J = torch.autograd.functional.jacobian(lambda v: block(v.view_as(x)).reshape(-1), x.reshape(-1))
+    ref = np.linalg.eigvals(J.cpu().numpy())
+    np.testing.assert_allclose(np.abs(got), np.sort(np.abs(ref))[::-1][:4], rtol=1e-8)
+    for e in got:                       # conjugate pairs tie in modulus: match against the whole spectrum
+        assert np.abs(ref - e).min() < 1e-8 * max(1.0, abs(e))
