@@ -146,7 +146,9 @@ def block_vjp(j, block, out, inp, params, names, cotangent, param_grads):
         return None
     wanted = [p for p in params if p.requires_grad]
     recorded = {id(p) for p in params}
-    leaves = [t for t in graph_leaves(out, j) if t is not inp]
+    # Dynamo (torch.compile of the whole model) traces this backward once, with the module's own
+    # parameters; it cannot walk a graph, and compiled wrappers that swap parameters are not supported.
+    leaves = [] if torch.compiler.is_compiling() else [t for t in graph_leaves(out, j) if t is not inp]
     swapped = [t for t in leaves if id(t) not in recorded]
     if not swapped:
         grads = iter(torch.autograd.grad(out, [inp, *wanted], cotangent, allow_unused=True))
