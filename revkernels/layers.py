@@ -7,6 +7,7 @@ Both return the last state and have a ``reversible`` switch: True runs the memor
 ``revkernels.scheduler``; False runs the same forward with ordinary autograd (the reference).
 """
 import math
+import warnings
 from typing import Sequence, Union
 
 import torch
@@ -63,8 +64,12 @@ def _uses_dropout(blocks):
 class _StackBase(nn.Module):
     """Shared options: state dtype, RNG replay, the reversible switch, shape checks."""
 
-    def __init__(self, blocks, state_dtype, preserve_rng_state):
+    def __init__(self, blocks, state_dtype, preserve_rng_state, max_reconstruction_error=None):
         super().__init__()
+        if max_reconstruction_error is not None and not (
+                isinstance(max_reconstruction_error, (int, float)) and not isinstance(max_reconstruction_error, bool)
+                and max_reconstruction_error >= 0):
+            raise ValueError(f"max_reconstruction_error must be None or a float >= 0, got {max_reconstruction_error!r}")
         if len(blocks) == 0:
             raise ValueError("blocks is empty: a stack needs at least one block")
         if not all(isinstance(b, nn.Module) for b in blocks):
@@ -76,13 +81,41 @@ class _StackBase(nn.Module):
         _refuse_stateful(blocks)
         self.state_dtype = state_dtype
         self.preserve_rng_state = preserve_rng_state
+        self.max_reconstruction_error = max_reconstruction_error
         self.reversible = True
+        self._reconstruction_error = None
+
+    @property
+    def last_reconstruction_error(self):
+        """After each reversible backward: max over the rebuilt initial state(s) of
+        max|rebuilt - original| / max|original| (a float; None before the first backward). Reading it
+        synchronises with the device once; the backward itself does not."""
+        err = self._reconstruction_error
+        return None if err is None else float(err)
+
+    def _record_reconstruction(self, err):
+        self._reconstruction_error = err
+        limit = self.max_reconstruction_error
+        if limit is not None and float(err) > limit:
+            raise RuntimeError(
+                f"reversible backward rebuilt the input with relative error {float(err):.3g} > "
+                f"max_reconstruction_error={limit:g}: the gradients of this step are not trustworthy. "
+                "Use exact=True (bit-exact reconstruction), fp32 blocks, smaller steps h, or |a| >= 1")
+
+    def _warn_if_runaway(self, amplification):
+        """Drift grows like the product over layers of max(1, 1/|a_j|): warn beyond 1e3."""
+        if amplification > 1e3:
+            warnings.warn(
+                f"the coefficients amplify reconstruction errors by up to {amplification:.3g} over the depth "
+                "(product of max(1, 1/|a_j|)): the reversible backward's gradients may drift far from "
+                "autograd's. Use exact=True for bit-exact reconstruction, or |a_j| >= 1",
+                stacklevel=3)
 
     def _run(self, blocks):
         preserve = self.preserve_rng_state
         if preserve == "auto":
             preserve = _uses_dropout(blocks)
-        return StackRun(blocks, self.state_dtype, preserve)
+        return StackRun(blocks, self.state_dtype, preserve, self._record_reconstruction)
 
     @staticmethod
     def _check_input(x):
@@ -98,13 +131,15 @@ class ReversibleStack(_StackBase):
     sequence or tensor of per-layer values, or None to draw eq. 3.7 from `generator`).
     learnable_a: make `a` a Parameter whose gradient comes from the fused reduction.
     preserve_rng_state: replay each block's RNG in the recompute; 'auto' = when dropout is active.
+    max_reconstruction_error: raise in the backward when `last_reconstruction_error` (the rebuilt
+    input's relative error, measured on every reversible backward) exceeds it.
     """
 
     def __init__(self, blocks: Sequence[nn.Module], scheme: str = "midpoint", h: float = 1.0,
                  a: Union[None, float, Sequence[float], torch.Tensor] = None, *, learnable_a: bool = False,
                  generator: torch.Generator = None, state_dtype: torch.dtype = torch.float32,
-                 preserve_rng_state: Union[bool, str] = "auto"):
-        super().__init__(blocks, state_dtype, preserve_rng_state)
+                 preserve_rng_state: Union[bool, str] = "auto", max_reconstruction_error: float = None):
+        super().__init__(blocks, state_dtype, preserve_rng_state, max_reconstruction_error)
         if scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
         if isinstance(h, bool) or not isinstance(h, (int, float)) or not math.isfinite(h):
@@ -118,6 +153,8 @@ class ReversibleStack(_StackBase):
         if coef_a is None:
             coef_a = draw_midpoint_a(n, generator) if a is None else per_layer_a(a, n)
         c = {"midpoint": 2 * self.h, "leapfrog": self.h ** 2, "midpoint_a": self.h}[scheme]
+        min_abs_a = coef_a.abs().reshape(n, -1).amin(dim=1).double()
+        self._warn_if_runaway(float(torch.prod(torch.clamp(1 / min_abs_a, min=1.0))))
         if learnable_a:
             self.a = nn.Parameter(coef_a)
         else:
@@ -157,10 +194,11 @@ class HamiltonianStack(_StackBase):
 
     def __init__(self, attn_blocks: Sequence[nn.Module], mlp_blocks: Sequence[nn.Module],
                  a: float = 1.0, b: float = 1.0, *, state_dtype: torch.dtype = torch.float32,
-                 preserve_rng_state: Union[bool, str] = "auto"):
+                 preserve_rng_state: Union[bool, str] = "auto", max_reconstruction_error: float = None):
         if len(attn_blocks) != len(mlp_blocks):
             raise ValueError(f"attn_blocks has {len(attn_blocks)} blocks but mlp_blocks has {len(mlp_blocks)}")
-        super().__init__(list(attn_blocks) + list(mlp_blocks), state_dtype, preserve_rng_state)
+        super().__init__(list(attn_blocks) + list(mlp_blocks), state_dtype, preserve_rng_state,
+                         max_reconstruction_error)
         for name, v in (("a", a), ("b", b)):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise TypeError(f"{name} must be a float, got {type(v).__name__}")
@@ -169,20 +207,31 @@ class HamiltonianStack(_StackBase):
         self.attn_blocks = nn.ModuleList(attn_blocks)
         self.mlp_blocks = nn.ModuleList(mlp_blocks)
         self.a, self.b = float(a), float(b)
+        self._warn_if_runaway((max(1.0, 1 / abs(self.a)) * max(1.0, 1 / abs(self.b))) ** len(attn_blocks))
 
     def _interleaved(self):
         return [blk for pair in zip(self.attn_blocks, self.mlp_blocks) for blk in pair]
 
-    def forward(self, x):
-        self._check_input(x)
+    def forward(self, p0, q0=None, return_both=False):
+        """p[L] from p[0] = p0 and q[0] = q0 (p0 when None); (q[L], p[L]) when return_both.
+        Gradients reach both initial streams."""
+        self._check_input(p0)
+        if q0 is None:
+            q0 = p0
+        else:
+            self._check_input(q0)
+            if q0.shape != p0.shape or q0.device != p0.device:
+                raise ValueError(f"q0 {tuple(q0.shape)} on {q0.device} must match p0 {tuple(p0.shape)} on {p0.device}")
         if self.reversible:
             run = self._run(self._interleaved())
-            return HamiltonianFunction.apply(x, self.a, self.b, run, *run.flat_params())
-        q = p = x.to(self.state_dtype)
-        for l, (attn, mlp) in enumerate(zip(self.attn_blocks, self.mlp_blocks)):
-            q = ref.coupling_step(q, checked_update(attn, 2 * l, p), self.a)
-            p = ref.coupling_step(p, checked_update(mlp, 2 * l + 1, q), self.b)
-        return p.to(x.dtype)
+            q, p = HamiltonianFunction.apply(p0, q0, self.a, self.b, run, *run.flat_params())
+        else:
+            q, p = q0.to(self.state_dtype), p0.to(self.state_dtype)
+            for l, (attn, mlp) in enumerate(zip(self.attn_blocks, self.mlp_blocks)):
+                q = ref.coupling_step(q, checked_update(attn, 2 * l, p), self.a)
+                p = ref.coupling_step(p, checked_update(mlp, 2 * l + 1, q), self.b)
+            q, p = q.to(q0.dtype), p.to(p0.dtype)
+        return (q, p) if return_both else p
 
     def extra_repr(self):
         return f"a={self.a}, b={self.b}, n_layers={len(self.attn_blocks)}"

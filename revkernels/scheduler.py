@@ -10,7 +10,7 @@ Parameter gradients are returned as gradients of the Function's inputs, so autog
 hooks) see each parameter used once per step, as in an ordinary graph.
 """
 from dataclasses import dataclass, field
-from typing import List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ class StackRun:
     blocks: Sequence[nn.Module]
     state_dtype: torch.dtype
     preserve_rng: bool
+    report_reconstruction: Optional[Callable[[torch.Tensor], None]] = None
     params: List[List[torch.Tensor]] = field(init=False)
     names: List[List[str]] = field(init=False)
 
@@ -174,9 +175,26 @@ def _add_(acc, g):
         acc.add_(g.to(acc.dtype))
 
 
+def _state_copy(x, state_dtype):
+    """A contiguous state buffer of x in state_dtype, in one pass."""
+    return x.detach().to(state_dtype, memory_format=torch.contiguous_format, copy=True)
+
+
 def _initial_states(x, state_dtype):
-    first = x.detach().to(state_dtype).clone(memory_format=torch.contiguous_format)
+    first = _state_copy(x, state_dtype)
     return first, first.clone()
+
+
+def reconstruction_error(rebuilt, originals):
+    """max over pairs of max|rebuilt - original| / max|original| (0-d fp32 tensor, no host sync)."""
+    errs = [(r - o.to(r.dtype)).abs().amax().float() / o.abs().amax().float().clamp_min(torch.finfo(torch.float32).tiny)
+            for r, o in zip(rebuilt, originals)]
+    return torch.stack(errs).amax()
+
+
+def _report(run, rebuilt, originals):
+    if run.report_reconstruction is not None:
+        run.report_reconstruction(reconstruction_error(rebuilt, originals))
 
 
 def _output(state, x_dtype):
@@ -210,14 +228,14 @@ class ThreeTermFunction(torch.autograd.Function):
                 three_term_(prev, prev, cur, checked_update(block, j, cur), a[j], c[j])   # prev <- p[j+1]
                 prev, cur = cur, prev
         ctx.run, ctx.fwd_ctxs, ctx.autocast, ctx.x_dtype = run, fwd_ctxs, autocast, x.dtype
-        ctx.save_for_backward(prev, cur, a, c)                         # p[L-1], p[L]
+        ctx.save_for_backward(prev, cur, a, c, x)                      # p[L-1], p[L]; x for the meter
         return _output(cur, x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         _refuse_second_backward(ctx)
-        prev, last, a, c = ctx.saved_tensors
+        prev, last, a, c, x = ctx.saved_tensors
         run = ctx.run
         A, B = last.clone(), prev                          # A = p[j+1], B = p[j]; B is ours to overwrite
         gA = grad_out.to(run.state_dtype).contiguous().clone()
@@ -232,6 +250,7 @@ class ThreeTermFunction(torch.autograd.Function):
             param_grads.append(grads_j)
             da.append(da_j), dc.append(dc_j)
             A, B, gA, gB = B, A, gB, gA
+        _report(run, (A, B), (x, x))                       # rebuilt p[0] and p[-1] against x
         g_x = (gA + gB).to(ctx.x_dtype)                    # p[0] and p[-1] are both x
         g_a = torch.stack(da[::-1]).to(a.dtype) if a.requires_grad else None
         g_c = torch.stack(dc[::-1]).to(c.dtype) if c.requires_grad else None
@@ -239,43 +258,48 @@ class ThreeTermFunction(torch.autograd.Function):
 
 
 class HamiltonianFunction(torch.autograd.Function):
-    """q[l] = a*q[l-1] + G_l(p[l-1]);  p[l] = b*p[l-1] + M_l(q[l]);  q[0] = p[0] = x; returns p[L].
+    """q[l] = a*q[l-1] + G_l(p[l-1]);  p[l] = b*p[l-1] + M_l(q[l]);  returns (q[L], p[L]) from (p[0], q[0]).
 
-    run.blocks alternates G_1, M_1, G_2, M_2, ...; a, b: Python floats or 0-d tensors (no grad)."""
+    run.blocks alternates G_1, M_1, G_2, M_2, ...; a, b: Python floats or 0-d tensors (no grad).
+    p0 and q0 may be the same tensor (q[0] = p[0] = x): autograd then sums their gradients."""
 
     @staticmethod
-    def forward(ctx, x, a, b, run: StackRun, *params):
-        autocast = AutocastState.capture(x.device)
-        q, p = _initial_states(x, run.state_dtype)
+    def forward(ctx, p0, q0, a, b, run: StackRun, *params):
+        autocast = AutocastState.capture(p0.device)
+        q, p = _state_copy(q0, run.state_dtype), _state_copy(p0, run.state_dtype)
         fwd_ctxs = []
         with torch.no_grad():
             for l in range(0, len(run.blocks), 2):
-                fwd_ctxs.append(ForwardContext.capture(x.device, run.preserve_rng))
+                fwd_ctxs.append(ForwardContext.capture(p0.device, run.preserve_rng))
                 coupling_(q, q, checked_update(run.blocks[l], l, p), a)                 # q <- a*q + G(p)
-                fwd_ctxs.append(ForwardContext.capture(x.device, run.preserve_rng))
+                fwd_ctxs.append(ForwardContext.capture(p0.device, run.preserve_rng))
                 coupling_(p, p, checked_update(run.blocks[l + 1], l + 1, q), b)             # p <- b*p + M(q)
-        ctx.run, ctx.fwd_ctxs, ctx.autocast, ctx.x_dtype, ctx.a, ctx.b = run, fwd_ctxs, autocast, x.dtype, a, b
-        ctx.save_for_backward(q, p)
-        return _output(p, x.dtype)
+        ctx.run, ctx.fwd_ctxs, ctx.autocast, ctx.a, ctx.b = run, fwd_ctxs, autocast, a, b
+        ctx.dtypes = (p0.dtype, q0.dtype)
+        ctx.save_for_backward(q, p, p0, q0)
+        return _output(q, q0.dtype), _output(p, p0.dtype)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_q, grad_p):
         _refuse_second_backward(ctx)
-        q_saved, p_saved = ctx.saved_tensors
+        q_saved, p_saved, p0, q0 = ctx.saved_tensors
         run, a, b = ctx.run, ctx.a, ctx.b
-        q, p = q_saved, p_saved.clone()                    # q is ours; p[L] is the caller's output
-        gp = grad_out.to(run.state_dtype).contiguous().clone()
-        gq = torch.zeros_like(gp)
+        q, p = q_saved.clone(), p_saved.clone()            # q[L], p[L] are the caller's outputs
+        gp = grad_p.to(run.state_dtype).contiguous().clone()
+        gq = grad_q.to(run.state_dtype).contiguous().clone()
         param_grads = []
         for l in reversed(range(0, len(run.blocks), 2)):
             grads_m, grads_g = [], []
             inp, m = _recompute(run.blocks[l + 1], q, ctx.fwd_ctxs[l + 1], ctx.autocast)
-            _add_(gq, block_vjp(l + 1, run.blocks[l + 1], m, inp, run.params[l + 1], run.names[l + 1], gp.to(m.dtype), grads_m))   # dL/dq[l] complete
+            _add_(gq, block_vjp(l + 1, run.blocks[l + 1], m, inp, run.params[l + 1], run.names[l + 1],
+                                gp.to(m.dtype), grads_m))                       # dL/dq[l] complete
             coupling_(p, p, m.detach(), b, inverse=True, gx=gp)              # p <- p[l-1], gp <- b*gp
             inp, g = _recompute(run.blocks[l], p, ctx.fwd_ctxs[l], ctx.autocast)
-            _add_(gp, block_vjp(l, run.blocks[l], g, inp, run.params[l], run.names[l], gq.to(g.dtype), grads_g))   # dL/dp[l-1] complete
+            _add_(gp, block_vjp(l, run.blocks[l], g, inp, run.params[l], run.names[l],
+                                gq.to(g.dtype), grads_g))                       # dL/dp[l-1] complete
             coupling_(q, q, g.detach(), a, inverse=True, gx=gq)              # q <- q[l-1], gq <- a*gq
             param_grads += [grads_m, grads_g]
-        g_x = (gq + gp).to(ctx.x_dtype)
-        return (g_x, None, None, None, *_ordered_param_grads(param_grads))
+        _report(run, (p, q), (p0, q0))
+        g_p0, g_q0 = gp.to(ctx.dtypes[0]), gq.to(ctx.dtypes[1])
+        return (g_p0, g_q0, None, None, None, *_ordered_param_grads(param_grads))
