@@ -15,8 +15,8 @@ flat in depth without it, and checkpointing on top recomputes every block a seco
 1.70x step time on GPT-2, 1.85x on Llama, same gradients).
 """
 import copy
+import functools
 import inspect
-import types
 import warnings
 
 import torch
@@ -160,7 +160,7 @@ def retrofit_hf(model, a, iterations, state_dtype, *, inplace=False):
         gen.use_cache = False
     hf_checkpoint.install(student)
     for entry in _CHECKPOINTING_ENTRY_POINTS:
-        setattr(student, entry, types.MethodType(_checkpointing_is_a_no_op, student))
+        setattr(student, entry, functools.partial(_checkpointing_is_a_no_op, student))
     return student
 
 

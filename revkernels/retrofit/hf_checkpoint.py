@@ -18,9 +18,9 @@ torch.distributed.checkpoint and optimizers key on). The renaming happens in the
 `save_pretrained` (which `Trainer` checkpoints also call, passing `self.model.state_dict()`), and
 `load_state_dict` accepts both namings (Trainer's `resume_from_checkpoint` loads through it).
 """
+import functools
 import importlib.metadata
 import re
-import types
 
 import torch
 
@@ -94,8 +94,9 @@ def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
 
 
 def install(student):
-    """Bind `save_pretrained` above on the student instance (the class keeps transformers' own)."""
-    student.save_pretrained = types.MethodType(save_pretrained, student)
+    """Bind `save_pretrained` above on the student instance; the class keeps transformers' own. A
+    functools.partial, not a bound method, so that deepcopy and pickle keep it bound to the copy."""
+    student.save_pretrained = functools.partial(save_pretrained, student)
 
 
 def from_pretrained(pretrained_model_name_or_path, **kwargs):
