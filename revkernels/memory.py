@@ -52,20 +52,19 @@ def saved_tensor_bytes(fn, *args, **kwargs):
 
 def _graph_saved_tensors(roots):
     """Tensors saved by the autograd nodes reachable from `roots` (grad_fns), including those of
-    custom Functions (`saved_tensors`); saved values already freed by a backward are skipped."""
+    custom Functions and torch.compile'd graphs (`saved_tensors`); saved values already freed by a
+    backward are skipped. Every attribute read is guarded: on a freed node even `hasattr` raises
+    RuntimeError, not AttributeError."""
     stack, visited = list(roots), set()
     while stack:
         node = stack.pop()
         if node is None or node in visited:
             continue
         visited.add(node)
-        names = [n for n in dir(node) if n.startswith("_saved_")]
-        if hasattr(node, "saved_tensors"):
-            names.append("saved_tensors")
-        for name in names:
+        for name in [*(n for n in dir(node) if n.startswith("_saved_")), "saved_tensors"]:
             try:
                 value = getattr(node, name)
-            except Exception:  # freed by a backward without retain_graph
+            except Exception:  # absent, or freed by a backward without retain_graph
                 continue
             for v in (value if isinstance(value, (tuple, list)) else (value,)):
                 if isinstance(v, torch.Tensor):

@@ -386,3 +386,5 @@ def test_cli_aligns_and_saves(tmp_path):
     assert len((out / "kl_log.jsonl").read_text().splitlines()) == 2
     reloaded = _hf().GPT2LMHeadModel.from_pretrained(out, local_files_only=True)
     assert type(reloaded.transformer.h[0]).__name__ == "GPT2Block"
+    from revkernels.retrofit import from_pretrained
+    assert retrofit_stack(from_pretrained(out, local_files_only=True)).iterations == 1

@@ -11,8 +11,8 @@ there is no download). It is the frozen teacher; the student is `retrofit(teache
 array, or a text file of whitespace-separated integers. Without --data the ids are uniform random
 (a smoke test: alignment on random tokens says little about real text).
 --seq-len longer than the model's max_position_embeddings is shortened to it, with a note on stderr.
---out receives: the student as an ordinary residual checkpoint (`unretrofit`, `save_pretrained`; load
-it and call `retrofit` with the same a and iterations to get the student back), `retrofit.json`
+--out receives: the student (`student.save_pretrained`: `revkernels.retrofit.from_pretrained(out)` gives
+it back; the plain transformers class loads the same weights as a residual model), `retrofit.json`
 (a, iterations, KL before/after on held-out batches, the settings) and `kl_log.jsonl` (KL per step).
 Bad input (a missing file, a = 0, ...) prints one line `error: ...` and exits with status 1
 (2 for a malformed option).
@@ -27,7 +27,7 @@ import sys
 import torch
 
 from .align import align, evaluate_kl
-from .core import retrofit, unretrofit
+from .core import retrofit
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -220,7 +220,7 @@ def main(argv=None):
                 progress=not args.no_progress, log_path=os.path.join(args.out, "kl_log.jsonl"))
     kl_after = evaluate_kl(student, teacher, held_out, args.reverse, args.device)
     print(f"KL after {len(log)} steps: {kl_after:.6g}")
-    unretrofit(student).save_pretrained(args.out)
+    student.save_pretrained(args.out)
     summary = {"a": a, "iterations": args.iterations, "kl_before": kl_before, "kl_after": kl_after,
                "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "seq_len": seq_len,
                "data": args.data or "random", "reverse": args.reverse, "teacher": os.path.abspath(args.model)}

@@ -94,7 +94,8 @@ class RetrofitStack(nn.Module):
         _check_iterations(iterations)
         self.updates = nn.ModuleList(updates)
         device = next((t.device for u in updates for t in u.parameters()), torch.device("cpu"))
-        self.register_buffer("a", per_layer_a(a, len(updates)).to(device))
+        # a is configuration (recorded in config.json by save_pretrained), not a weight: not in the state_dict
+        self.register_buffer("a", per_layer_a(a, len(updates)).to(device), persistent=False)
         self.iterations = iterations
         self.state_dtype = state_dtype
         self.preserve_rng_state = preserve_rng_state
@@ -168,8 +169,11 @@ def retrofit(model: nn.Module, a: ACoef = 0.5, iterations: int = 1, *,
 
     Hugging Face models: the KV cache is not supported (config.use_cache is set to False; a call
     passing past_key_values is refused) and per-layer `output_hidden_states` / `output_attentions`
-    are not those of the residual model. `unretrofit(student)` gives back an ordinary residual model
-    with the student's weights (e.g. to `save_pretrained` it).
+    are not those of the residual model. `student.save_pretrained(d)` writes the source model's
+    checkpoint with the student's weights plus a `revkernels_retrofit` field in config.json, which
+    `revkernels.retrofit.from_pretrained(d)` turns back into this student (see hf_checkpoint.py);
+    `gradient_checkpointing_enable()` is a no-op with a warning. `unretrofit(student)` gives back an
+    ordinary residual model with the student's weights.
     """
     _check_iterations(iterations)
     if not isinstance(model, nn.Module):
