@@ -15,6 +15,8 @@ from torch import nn
 
 from . import reference as ref
 from .attention import causal_attention
+from .exact_scheduler import ExactCoefs, check_unit_coefficient, exact_hamiltonian, exact_three_term
+from .fixed_point import round_to_dyadic
 from .scheduler import HamiltonianFunction, StackRun, ThreeTermFunction, checked_update
 
 SCHEMES = ("midpoint", "leapfrog", "midpoint_a")
@@ -98,12 +100,14 @@ class ReversibleStack(_StackBase):
     sequence or tensor of per-layer values, or None to draw eq. 3.7 from `generator`).
     learnable_a: make `a` a Parameter whose gradient comes from the fused reduction.
     preserve_rng_state: replay each block's RNG in the recompute; 'auto' = when dropout is active.
+    exact: bit-exact reversibility on the int64 fixed-point grid (revkernels.exact_scheduler); a must be
+    dyadic (m/2^k, k <= 8; eq. 3.7 draws are rounded to multiples of 1/4), not learnable.
     """
 
     def __init__(self, blocks: Sequence[nn.Module], scheme: str = "midpoint", h: float = 1.0,
                  a: Union[None, float, Sequence[float], torch.Tensor] = None, *, learnable_a: bool = False,
                  generator: torch.Generator = None, state_dtype: torch.dtype = torch.float32,
-                 preserve_rng_state: Union[bool, str] = "auto"):
+                 preserve_rng_state: Union[bool, str] = "auto", exact: bool = False):
         super().__init__(blocks, state_dtype, preserve_rng_state)
         if scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
@@ -118,6 +122,13 @@ class ReversibleStack(_StackBase):
         if coef_a is None:
             coef_a = draw_midpoint_a(n, generator) if a is None else per_layer_a(a, n)
         c = {"midpoint": 2 * self.h, "leapfrog": self.h ** 2, "midpoint_a": self.h}[scheme]
+        self.exact = bool(exact)
+        if exact:
+            if learnable_a:
+                raise ValueError("learnable_a is not supported with exact=True: a must stay dyadic")
+            if scheme == "midpoint_a" and a is None:
+                coef_a = round_to_dyadic(coef_a)
+            ExactCoefs.of(coef_a, torch.full((n,), c), "cpu")     # ValueError naming the nearest allowed a
         if learnable_a:
             self.a = nn.Parameter(coef_a)
         else:
@@ -133,6 +144,8 @@ class ReversibleStack(_StackBase):
                              "channels: per-channel a must have shape (n_layers, d)")
         if self.a.requires_grad and bool((self.a == 0).any()):
             raise ValueError("learnable a reached 0: that layer is no longer invertible")
+        if self.exact:
+            return exact_three_term(x, self.a, self.c, self._run(list(self.blocks)), self.reversible, self)
         a = self.a.to(self.state_dtype)
         c = self.c.to(self.state_dtype)
         if self.reversible:
@@ -157,7 +170,7 @@ class HamiltonianStack(_StackBase):
 
     def __init__(self, attn_blocks: Sequence[nn.Module], mlp_blocks: Sequence[nn.Module],
                  a: float = 1.0, b: float = 1.0, *, state_dtype: torch.dtype = torch.float32,
-                 preserve_rng_state: Union[bool, str] = "auto"):
+                 preserve_rng_state: Union[bool, str] = "auto", exact: bool = False):
         if len(attn_blocks) != len(mlp_blocks):
             raise ValueError(f"attn_blocks has {len(attn_blocks)} blocks but mlp_blocks has {len(mlp_blocks)}")
         super().__init__(list(attn_blocks) + list(mlp_blocks), state_dtype, preserve_rng_state)
@@ -166,6 +179,9 @@ class HamiltonianStack(_StackBase):
                 raise TypeError(f"{name} must be a float, got {type(v).__name__}")
             if v == 0:
                 raise ValueError(f"{name} = 0: the Hamiltonian inverse divides by {name}")
+            if exact:
+                check_unit_coefficient(name, v)
+        self.exact = bool(exact)
         self.attn_blocks = nn.ModuleList(attn_blocks)
         self.mlp_blocks = nn.ModuleList(mlp_blocks)
         self.a, self.b = float(a), float(b)
@@ -175,6 +191,8 @@ class HamiltonianStack(_StackBase):
 
     def forward(self, x):
         self._check_input(x)
+        if self.exact:
+            return exact_hamiltonian(x, self.a, self.b, self._run(self._interleaved()), self.reversible, self)
         if self.reversible:
             run = self._run(self._interleaved())
             return HamiltonianFunction.apply(x, self.a, self.b, run, *run.flat_params())
