@@ -44,7 +44,8 @@ class ExactCoefs:
     def of(a: torch.Tensor, c: torch.Tensor, device) -> "ExactCoefs":
         """From the stack's a (L,) or (L, d) and c (L,); ValueError for a non-dyadic a_j (nearest value named)."""
         parts = [dyadic_parts(a[j], f"a[{j}]") for j in range(a.shape[0])]
-        return ExactCoefs([m.to(device) for m, _ in parts], [k for _, k in parts], [float(v) for v in c.tolist()])
+        m = torch.stack([m for m, _ in parts]).to(device)         # one storage: 8 B per layer (and channel)
+        return ExactCoefs(list(m.unbind(0)), [k for _, k in parts], [float(v) for v in c.tolist()])
 
     def side_info_bytes(self, numel: int) -> int:
         return sum(side_bytes(numel, k) for k in self.k)
