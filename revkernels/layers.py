@@ -16,6 +16,8 @@ from torch import nn
 
 from . import reference as ref
 from .attention import causal_attention
+from .exact_scheduler import ExactCoefs, check_unit_coefficient, exact_hamiltonian, exact_three_term
+from .fixed_point import round_to_dyadic
 from .scheduler import HamiltonianFunction, StackRun, ThreeTermFunction, checked_update
 
 SCHEMES = ("midpoint", "leapfrog", "midpoint_a")
@@ -133,12 +135,15 @@ class ReversibleStack(_StackBase):
     preserve_rng_state: replay each block's RNG in the recompute; 'auto' = when dropout is active.
     max_reconstruction_error: raise in the backward when `last_reconstruction_error` (the rebuilt
     input's relative error, measured on every reversible backward) exceeds it.
+    exact: bit-exact reversibility on the int64 fixed-point grid (revkernels.exact_scheduler); a must be
+    dyadic (m/2^k, k <= 8; eq. 3.7 draws are rounded to multiples of 1/4), not learnable.
     """
 
     def __init__(self, blocks: Sequence[nn.Module], scheme: str = "midpoint", h: float = 1.0,
                  a: Union[None, float, Sequence[float], torch.Tensor] = None, *, learnable_a: bool = False,
                  generator: torch.Generator = None, state_dtype: torch.dtype = torch.float32,
-                 preserve_rng_state: Union[bool, str] = "auto", max_reconstruction_error: float = None):
+                 preserve_rng_state: Union[bool, str] = "auto", max_reconstruction_error: float = None,
+                 exact: bool = False):
         super().__init__(blocks, state_dtype, preserve_rng_state, max_reconstruction_error)
         if scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
@@ -153,8 +158,16 @@ class ReversibleStack(_StackBase):
         if coef_a is None:
             coef_a = draw_midpoint_a(n, generator) if a is None else per_layer_a(a, n)
         c = {"midpoint": 2 * self.h, "leapfrog": self.h ** 2, "midpoint_a": self.h}[scheme]
-        min_abs_a = coef_a.abs().reshape(n, -1).amin(dim=1).double()
-        self._warn_if_runaway(float(torch.prod(torch.clamp(1 / min_abs_a, min=1.0))))
+        self.exact = bool(exact)
+        if exact:
+            if learnable_a:
+                raise ValueError("learnable_a is not supported with exact=True: a must stay dyadic")
+            if scheme == "midpoint_a" and a is None:
+                coef_a = round_to_dyadic(coef_a)
+            ExactCoefs.of(coef_a, torch.full((n,), c), "cpu")     # ValueError naming the nearest allowed a
+        else:       # exact mode rebuilds bit for bit: no drift to warn about
+            min_abs_a = coef_a.abs().reshape(n, -1).amin(dim=1).double()
+            self._warn_if_runaway(float(torch.prod(torch.clamp(1 / min_abs_a, min=1.0))))
         if learnable_a:
             self.a = nn.Parameter(coef_a)
         else:
@@ -170,6 +183,8 @@ class ReversibleStack(_StackBase):
                              "channels: per-channel a must have shape (n_layers, d)")
         if self.a.requires_grad and bool((self.a == 0).any()):
             raise ValueError("learnable a reached 0: that layer is no longer invertible")
+        if self.exact:
+            return exact_three_term(x, self.a, self.c, self._run(list(self.blocks)), self.reversible, self)
         a = self.a.to(self.state_dtype)
         c = self.c.to(self.state_dtype)
         if self.reversible:
@@ -194,7 +209,8 @@ class HamiltonianStack(_StackBase):
 
     def __init__(self, attn_blocks: Sequence[nn.Module], mlp_blocks: Sequence[nn.Module],
                  a: float = 1.0, b: float = 1.0, *, state_dtype: torch.dtype = torch.float32,
-                 preserve_rng_state: Union[bool, str] = "auto", max_reconstruction_error: float = None):
+                 preserve_rng_state: Union[bool, str] = "auto", max_reconstruction_error: float = None,
+                 exact: bool = False):
         if len(attn_blocks) != len(mlp_blocks):
             raise ValueError(f"attn_blocks has {len(attn_blocks)} blocks but mlp_blocks has {len(mlp_blocks)}")
         super().__init__(list(attn_blocks) + list(mlp_blocks), state_dtype, preserve_rng_state,
@@ -204,6 +220,9 @@ class HamiltonianStack(_StackBase):
                 raise TypeError(f"{name} must be a float, got {type(v).__name__}")
             if v == 0:
                 raise ValueError(f"{name} = 0: the Hamiltonian inverse divides by {name}")
+            if exact:
+                check_unit_coefficient(name, v)
+        self.exact = bool(exact)
         self.attn_blocks = nn.ModuleList(attn_blocks)
         self.mlp_blocks = nn.ModuleList(mlp_blocks)
         self.a, self.b = float(a), float(b)
@@ -222,6 +241,11 @@ class HamiltonianStack(_StackBase):
             self._check_input(q0)
             if q0.shape != p0.shape or q0.device != p0.device:
                 raise ValueError(f"q0 {tuple(q0.shape)} on {q0.device} must match p0 {tuple(p0.shape)} on {p0.device}")
+        if self.exact:
+            if q0 is not p0 or return_both:
+                raise ValueError("exact=True HamiltonianStack takes one initial stream (q0=None) and "
+                                 "returns p[L] (return_both=False)")
+            return exact_hamiltonian(p0, self.a, self.b, self._run(self._interleaved()), self.reversible, self)
         if self.reversible:
             run = self._run(self._interleaved())
             q, p = HamiltonianFunction.apply(p0, q0, self.a, self.b, run, *run.flat_params())

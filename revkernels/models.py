@@ -44,6 +44,7 @@ class GPTConfig:
     ham_b: float = 1.0
     seed: int = 0
     loss_chunk_tokens: int = 0
+    exact: bool = False                                 # bit-exact reversible body (reversible archs only)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -53,6 +54,8 @@ class GPTConfig:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.exact and self.arch in ("baseline", "checkpoint"):
+            raise ValueError(f"exact=True needs a reversible arch, got arch={self.arch!r}")
 
 
 class ResidualStack(nn.Module):
@@ -77,14 +80,15 @@ def build_body(cfg: GPTConfig) -> nn.Module:
     d, H, p, bias, L = cfg.d_model, cfg.n_heads, cfg.dropout, cfg.bias, cfg.n_layers
     if cfg.arch == "hamiltonian":
         return HamiltonianStack([AttentionBlock(d, H, p, bias) for _ in range(L)],
-                                [MLPBlock(d, p, bias) for _ in range(L)], a=cfg.ham_a, b=cfg.ham_b)
+                                [MLPBlock(d, p, bias) for _ in range(L)], a=cfg.ham_a, b=cfg.ham_b,
+                                exact=cfg.exact)
     blocks = [TransformerBlock(d, H, p, bias) for _ in range(L)]
     if cfg.arch in ("baseline", "checkpoint"):
         return ResidualStack(blocks, use_checkpoint=cfg.arch == "checkpoint")
     h = DEFAULT_H[cfg.arch] if cfg.h is None else cfg.h
     gen = torch.Generator().manual_seed(cfg.seed)
     return ReversibleStack(blocks, cfg.arch, h=h, a=cfg.a if cfg.arch == "midpoint_a" else None,
-                           learnable_a=cfg.learnable_a, generator=gen)
+                           learnable_a=cfg.learnable_a, generator=gen, exact=cfg.exact)
 
 
 class GPT(nn.Module):

@@ -29,6 +29,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..fixed_point import dyadic_parts
 from ..layers import ReversibleStack, per_layer_a
 
 ACoef = Union[float, Sequence[float], torch.Tensor]
@@ -83,11 +84,13 @@ class RetrofitStack(nn.Module):
     Each call builds the RetrofitBlocks F_j bound to that call's `context` and runs them through a
     `ReversibleStack(scheme='midpoint_a', h=1, a=a)`, so the context (masks, rotary tables) lives exactly
     as long as that call's autograd graph, which the backward's recompute needs.
-    `reversible = False` runs the same forward with ordinary autograd (the reference).
+    `reversible = False` runs the same forward with ordinary autograd (the reference). `exact = True` runs
+    it bit-exactly on the fixed-point grid (a dyadic: a = 0.5 costs one side bit per element per layer).
     """
 
     def __init__(self, updates: Sequence[nn.Module], a: ACoef = 0.5, iterations: int = 1, *,
-                 state_dtype: torch.dtype = torch.float32, preserve_rng_state: Union[bool, str] = "auto"):
+                 state_dtype: torch.dtype = torch.float32, preserve_rng_state: Union[bool, str] = "auto",
+                 exact: bool = False):
         super().__init__()
         if len(updates) == 0:
             raise ValueError("updates is empty: nothing to retrofit")
@@ -100,6 +103,7 @@ class RetrofitStack(nn.Module):
         self.state_dtype = state_dtype
         self.preserve_rng_state = preserve_rng_state
         self.reversible = True
+        self.exact = exact
 
     def blocks(self, context=None):
         """The F_j of eq. 4.5 bound to `context` (a list of RetrofitBlocks sharing the updates)."""
@@ -111,7 +115,8 @@ class RetrofitStack(nn.Module):
         if self.a.device != x.device:
             raise ValueError(f"x is on {x.device} but the stack is on {self.a.device}")
         stack = ReversibleStack(self.blocks(context), scheme="midpoint_a", h=1.0, a=self.a.float(),
-                                state_dtype=self.state_dtype, preserve_rng_state=self.preserve_rng_state)
+                                state_dtype=self.state_dtype, preserve_rng_state=self.preserve_rng_state,
+                                exact=self.exact)
         for name, buf in list(stack.named_buffers(recurse=False)):   # c is built on the CPU
             setattr(stack, name, buf.to(x.device))
         stack.reversible = self.reversible
@@ -156,7 +161,7 @@ def _is_own_gpt(model):
 # ------------------------------------------------------------------ public entry points
 
 def retrofit(model: nn.Module, a: ACoef = 0.5, iterations: int = 1, *,
-             state_dtype: torch.dtype = torch.float32) -> nn.Module:
+             state_dtype: torch.dtype = torch.float32, exact: bool = False) -> nn.Module:
     """A reversible copy of the residual `model` (paper section 4), same call signature and outputs.
 
     Supported: transformers `GPT2LMHeadModel`, `GPT2Model`, `LlamaForCausalLM`, `LlamaModel`, and
@@ -174,19 +179,26 @@ def retrofit(model: nn.Module, a: ACoef = 0.5, iterations: int = 1, *,
     `revkernels.retrofit.from_pretrained(d)` turns back into this student (see hf_checkpoint.py);
     `gradient_checkpointing_enable()` is a no-op with a warning. `unretrofit(student)` gives back an
     ordinary residual model with the student's weights.
+    exact: run the body in exact mode (bit-exact reconstruction; a must be dyadic, ValueError naming
+    the nearest allowed value otherwise).
     """
     _check_iterations(iterations)
+    if exact:
+        dyadic_parts(torch.as_tensor(a, dtype=torch.float32))
     if not isinstance(model, nn.Module):
         raise TypeError(f"retrofit expects an nn.Module, got {type(model).__name__}")
     if find_retrofit_stack(model) is not None:
         raise ValueError(f"{type(model).__name__} is already retrofitted")
     if _is_own_gpt(model):
-        return _retrofit_gpt(model, a, iterations, state_dtype)
-    from . import hf
-    if hf.is_transformers_model(model):
-        return hf.retrofit_hf(model, a, iterations, state_dtype)
-    raise TypeError(f"retrofit does not support {type(model).__module__}.{type(model).__name__}: "
-                    f"supported are {', '.join(SUPPORTED)}")
+        student = _retrofit_gpt(model, a, iterations, state_dtype)
+    else:
+        from . import hf
+        if not hf.is_transformers_model(model):
+            raise TypeError(f"retrofit does not support {type(model).__module__}.{type(model).__name__}: "
+                            f"supported are {', '.join(SUPPORTED)}")
+        student = hf.retrofit_hf(model, a, iterations, state_dtype)
+    retrofit_stack(student).exact = exact
+    return student
 
 
 SUPPORTED = ("transformers GPT2LMHeadModel", "GPT2Model", "LlamaForCausalLM", "LlamaModel",

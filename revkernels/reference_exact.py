@@ -1,0 +1,103 @@
+"""Exact-mode formulas in plain PyTorch: ground truth for the kernels of kernels/exact.py and the CPU
+fallback. States are int64 on the grid of revkernels.fixed_point; `m` (int64, 0-d or per channel) and
+`k` give a = m / 2^k; `c` is a float (applied in fp32). Every function also returns `flags`, an int:
+FLAG_RANGE (a state left |P| <= STATE_LIMIT; saturated to +-(STATE_LIMIT+1) so nothing wraps),
+FLAG_UPDATE (c*f non-finite or beyond the range; its Q taken as 0), FLAG_INEXACT (an inverse whose
+division by m left a remainder: the update differs from the forward's).
+
+Three-term step (eq. 3.6 on the grid), with D = P[j-1] - P[j], S = m*D, h = 2^(k-1) (0 when k = 0):
+
+    T = (S + h) >> k                     # round(a * D), half up
+    r = S + h - (T << k)                 # the k bits the rounding loses, in [0, 2^k): side information
+    P[j+1] = P[j] + T + Q(c*f)           # = round(a*P[j-1] + (1-a)*P[j]) + Q(c*f)
+
+Inverse: T = P[j+1] - P[j] - Q(c*f);  S = (T << k) + r - h;  P[j-1] = P[j] + S / m  (exact division).
+Side bits are packed as k bit planes of ceil(n/8) uint8 bytes (element e is bit e % 8 of byte e // 8).
+"""
+import torch
+
+from .fixed_point import FRAC_BITS, STATE_LIMIT
+
+FLAG_RANGE, FLAG_UPDATE, FLAG_INEXACT = 1, 2, 4
+Q_LIMIT = float(STATE_LIMIT)
+
+
+def quantize(f, c):
+    """(Q(c*f) as int64, bad): y = c*f in fp32, Q(y) = floor(y*2^32 + 0.5); bad entries (non-finite or
+    |y| > 2^20) give 0."""
+    y = (torch.tensor(c, dtype=torch.float32, device=f.device) * f.float()).double() * 2.0 ** FRAC_BITS
+    ok = y.abs() <= Q_LIMIT
+    return torch.floor(torch.where(ok, y, 0.0) + 0.5).to(torch.int64), ~ok
+
+
+def _saturate(P):
+    ok = P.abs() <= STATE_LIMIT
+    return P.clamp(-STATE_LIMIT - 1, STATE_LIMIT + 1), ~ok
+
+
+def _flags(range_bad, update_bad, inexact=None):
+    return (FLAG_RANGE * bool(range_bad.any()) + FLAG_UPDATE * bool(update_bad.any())
+            + (FLAG_INEXACT * bool(inexact.any()) if inexact is not None else 0))
+
+
+def pack_side(r, k):
+    """k bit planes of r (int64, values in [0, 2^k)) as uint8 of shape (k, ceil(n/8))."""
+    flat = r.reshape(-1)
+    pad = (-flat.numel()) % 8
+    flat = torch.cat([flat, flat.new_zeros(pad)]).view(-1, 8)
+    weights = torch.arange(8, device=r.device)
+    return torch.stack([(((flat >> b) & 1) << weights).sum(1) for b in range(k)]).to(torch.uint8)
+
+
+def unpack_side(side, k, shape):
+    """The inverse of pack_side: int64 values in [0, 2^k) of `shape`."""
+    n = 1
+    for s in shape:
+        n *= s
+    weights = torch.arange(8, device=side.device)
+    r = torch.zeros(side.shape[1] * 8, dtype=torch.int64, device=side.device)
+    for b in range(k):
+        r += ((side[b].to(torch.int64)[:, None] >> weights) & 1).reshape(-1) << b
+    return r[:n].view(shape)
+
+
+def three_term_step(P_prev, P_cur, f, m, k, c):
+    """(P_next, side or None, flags): P[j+1] = P[j] + round(a*(P[j-1]-P[j])) + Q(c*f)."""
+    h = (1 << (k - 1)) if k else 0
+    q, update_bad = quantize(f, c)
+    S = m * (P_prev - P_cur)
+    T = (S + h) >> k
+    P_next, range_bad = _saturate(P_cur + T + q)
+    side = pack_side(S + h - (T << k), k) if k else None
+    return P_next, side, _flags(range_bad, update_bad)
+
+
+def three_term_inverse(P_next, P_cur, f, m, k, c, side):
+    """(P_prev, flags): the exact inverse of three_term_step given its side bits."""
+    h = (1 << (k - 1)) if k else 0
+    q, update_bad = quantize(f, c)
+    T = P_next - P_cur - q
+    S = (T << k) + (unpack_side(side, k, P_next.shape) if k else 0) - h
+    delta = torch.div(S, m, rounding_mode="trunc")
+    P_prev, range_bad = _saturate(P_cur + delta)
+    return P_prev, _flags(range_bad, update_bad, delta * m != S)
+
+
+def backward_step(A, B, f, gA, gB, m, k, c, side):
+    """One layer of the exact reversible backward, out of place:
+
+        A_new = three_term_inverse(A, B, f)     # p[j-1], bit-exact
+        gf = c*gA (f's dtype);  gB_new = gB + (1-a)*gA;  gA_new = a*gA     (fp32, a = m/2^k)
+    Returns (A_new, gA_new, gB_new, gf, flags)."""
+    A_new, flags = three_term_inverse(A, B, f, m, k, c, side)
+    a = m.to(torch.float32) / 2 ** k
+    g = gA.float()
+    gf = (torch.tensor(c, dtype=torch.float32, device=g.device) * g).to(f.dtype)
+    return A_new, (a * g).to(gA.dtype), (gB.float() + (1 - a) * g).to(gB.dtype), gf, flags
+
+
+def coupling(X, g, alpha, inverse=False):
+    """(out, flags): out = alpha*X + Q(g), or (X - Q(g)) * alpha when inverse (alpha in {1, -1})."""
+    q, update_bad = quantize(g, 1.0)
+    out, range_bad = _saturate((X - q) * alpha if inverse else alpha * X + q)
+    return out, _flags(range_bad, update_bad)
