@@ -4,6 +4,9 @@ Dispatch: CUDA tensors run the Triton kernels; CPU tensors run the same kernels 
 interpreter when ``TRITON_INTERPRET=1`` was set before import, otherwise the PyTorch formulas of
 ``revkernels.reference``. float64 states always take the reference (the kernels compute in fp32).
 
+Tiles: autotuned per width, op and dtypes on a GPU, one fixed tile under the interpreter
+(``revkernels.tiles``); ``tuned_config`` reports the tile an op last ran with.
+
 Coefficients ``a``, ``c``, ``alpha``: a Python float, a 0-d tensor, or a 1-d tensor of size d
 broadcast on the last dim. Arithmetic is fp32; each result is cast to its buffer's dtype on store.
 The ops are not differentiable: the reversible scheduler calls them on detached buffers.
@@ -186,7 +189,7 @@ def _backward_step_launch(A, B, f, gA, gB, gp, gf, a_t, a_s, c_t, c_s, coef_grad
     M, D = A.shape
     views = (A, B, f, gA, gB, gp if gp is not None else B, gf)
     layout = _layout(D, views, (_mode(a_t), _mode(c_t)), fp32_outputs=coef_grads)
-    rows = tiles.max_row_tiles("backward_step", M, D, layout["VEC"])
+    rows = tiles.max_row_tiles("backward_step", M, D, layout["VEC"], coef_grads)
     parts = torch.empty((2, rows, D), dtype=torch.float32, device=A.device) if coef_grads else (gf, gf)
     args = [*views, parts[0], parts[1], _kernel_coef(a_t, B), _kernel_coef(c_t, B), a_s, c_s,
             M, D // layout["ALIGN"], *_strides(layout["ALIGN"], *views)]
@@ -240,15 +243,6 @@ def _coupling_launch(o, x, g, gx, alpha_t, alpha_s, inverse):
 @_coupling_op.register_fake
 def _(out, x, g, gx, alpha_t, alpha_s, inverse):
     return None
-
-
-def tuned_config(op: str, D: int, dtype=torch.bfloat16) -> Optional[dict]:
-    """The tile the last Triton launch of public op `op` used for width D and f / g dtype `dtype`:
-    dict(BLOCK_M, BLOCK_D, num_warps, VEC, ALIGN, tuned), `tuned` False for the interpreter's fixed
-    tile; None when that op never ran through Triton. `op` is a public op name ("rev_step",
-    "rev_inverse", "rev_backward_step", "rev_backward_step+coef_grads", "coupling_step",
-    "coupling_inverse", "coupling_backward_step")."""
-    return tiles.chosen(op, D, dtype) if HAS_TRITON else None
 
 
 # ---------------------------------------------------------------- unchecked entry points (scheduler)
@@ -357,3 +351,12 @@ def coupling_backward_step(x: Tensor, g: Tensor, gx: Tensor, alpha) -> Tensor:
     check_disjoint({"x": x, "gx": gx}, {"g": g})
     check_not_requiring_grad(x=x, g=g, gx=gx, alpha=alpha)
     return coupling_(x, x, g, alpha, inverse=True, gx=gx)
+
+
+def tuned_config(op: str, D: int, dtype=torch.bfloat16) -> Optional[dict]:
+    """The tile the last Triton launch of public op `op` used for width D and f / g dtype `dtype`:
+    dict(BLOCK_M, BLOCK_D, num_warps, VEC, ALIGN, tuned), `tuned` False for the interpreter's fixed
+    tile; None when that op never ran through Triton. `op` is a public op name ("rev_step",
+    "rev_inverse", "rev_backward_step", "rev_backward_step+coef_grads", "coupling_step",
+    "coupling_inverse", "coupling_backward_step")."""
+    return tiles.chosen(op, D, dtype) if HAS_TRITON else None

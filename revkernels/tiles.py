@@ -23,6 +23,10 @@ from .kernels.coupling import coupling_kernel
 from .kernels.three_term import three_term_kernel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Whether the interpreter goes through the autotuner too (set by the test of tuning on a CPU).
+TUNE_UNDER_INTERPRETER = False
+_TUNERS = {}   # family -> its autotuned kernel, built on first use
+_CHOSEN = {}   # (public op, D, f / g dtype) -> the tile of its last launch
 
 KERNELS = {"three_term": three_term_kernel, "coupling": coupling_kernel, "backward_step": backward_step_kernel}
 # Buffers a launch writes in place (restored after each timed tuning launch). `out` may be an input
@@ -36,21 +40,25 @@ MODES = {"three_term": ["A_MODE", "C_MODE", "INVERSE"], "coupling": ["ALPHA_MODE
 INTERPRETER_TILE_ELEMS = {"three_term": 4096, "coupling": 4096, "backward_step": 2048}
 MAX_BLOCK_D = 256
 
-# Candidates on a GPU: BLOCK_D up to these widths, each thread holding this many VEC-wide vectors per operand.
+# Candidates on a GPU: BLOCK_D up to these widths, each thread holding this many VEC-wide vectors per operand
+# (8 spills in the backward step: 255 registers, ptxas for sm_90). With coefficient gradients only 4, which
+# keeps their per-tile partial sums (2 fp32 per BLOCK_M rows and channel) at half a state's bytes.
 CANDIDATE_BLOCK_D = (256, 512, 1024)
 CANDIDATE_VECTORS_PER_THREAD = (1, 2, 4)
+COEF_GRADS_VECTORS_PER_THREAD = (4,)
 
 
-def candidates(D: int, vec: int) -> list:
+def candidates(D: int, vec: int, coef_grads: bool = False) -> list:
     """Tiles worth timing for rows of D channels read VEC at a time. All warps lie along D (a warp
     covers 32 vectors of one row, rows repeat in registers), so the backward's column sums need no
     shared memory; when BLOCK_D is under 32 vectors, one warp's lanes also span rows."""
     out = []
+    per_thread_choices = COEF_GRADS_VECTORS_PER_THREAD if coef_grads else CANDIDATE_VECTORS_PER_THREAD
     for block_d in sorted({max(vec, min(triton.next_power_of_2(D), cap)) for cap in CANDIDATE_BLOCK_D}):
         lanes = block_d // vec
         warps = max(1, min(8, lanes // 32))
         rows_per_pass = max(1, 32 * warps // lanes)
-        for per_thread in CANDIDATE_VECTORS_PER_THREAD:
+        for per_thread in per_thread_choices:
             out.append(triton.Config(dict(BLOCK_M=per_thread * rows_per_pass, BLOCK_D=block_d), num_warps=warps))
     return out
 
@@ -68,15 +76,15 @@ def grid(M: int, D: int, meta) -> tuple:
     return triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_D"])
 
 
-def max_row_tiles(family: str, M: int, D: int, vec: int) -> int:
+def max_row_tiles(family: str, M: int, D: int, vec: int, coef_grads: bool) -> int:
     """Most tiles along M any tile choice can launch (rows of the partial-sum buffers)."""
     if INTERPRET and not TUNE_UNDER_INTERPRETER:
         return grid(M, D, interpreter_tile(family, M, D, vec).kwargs)[0]
-    return max(grid(M, D, c.kwargs)[0] for c in candidates(D, vec))
+    return max(grid(M, D, c.kwargs)[0] for c in candidates(D, vec, coef_grads))
 
 
 def _prune(configs, named_args, **kwargs):
-    return candidates(named_args["D"] * kwargs["ALIGN"], kwargs["VEC"])
+    return candidates(named_args["D"] * kwargs["ALIGN"], kwargs["VEC"], kwargs.get("COEF_GRADS", False))
 
 
 def _wall_clock_bench(kernel_call, quantiles):
@@ -93,11 +101,6 @@ def autotuned(family: str):
         restore_value=IN_PLACE[family], prune_configs_by=dict(early_config_prune=_prune),
         do_bench=_wall_clock_bench if INTERPRET else None)(KERNELS[family])
 
-
-# Whether the interpreter goes through the autotuner too (set by the test of tuning on a CPU).
-TUNE_UNDER_INTERPRETER = False
-_TUNERS = {}
-_CHOSEN = {}
 
 
 def launch(family: str, op: str, dtype, M: int, D: int, args: list, consts: dict) -> triton.Config:

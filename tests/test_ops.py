@@ -396,6 +396,7 @@ def test_autotuning_applies_in_place_updates_once(monkeypatch):
         pytest.skip("kernels do not run on this machine's CPU")
     monkeypatch.setattr(tiles, "TUNE_UNDER_INTERPRETER", True)
     monkeypatch.setattr(tiles, "_TUNERS", {})
+    monkeypatch.setattr(tiles, "COEF_GRADS_VECTORS_PER_THREAD", (1, 4))  # two tiles to time here too
     shape = (2, 3, 40)  # one or two programs per launch: the interpreter is slow per program
     x, y, gA, gB, gp = (rand(shape, "cpu") for _ in range(5))
     f = rand(shape, "cpu", torch.bfloat16)

@@ -92,7 +92,7 @@ def compile_cases():
                            ops._coupling_launch(t(D), t(D), t(D, fdt), t(D), None, 0.5, True)))
     cases = []
     for name, (family, _, _, _, D, args, consts) in builds:
-        configs = tiles.candidates(D, consts["VEC"])
+        configs = tiles.candidates(D, consts["VEC"], consts.get("COEF_GRADS", False))
         if D != 768:
             configs = configs[:1]
         elif "-bfloat16-" in name:
