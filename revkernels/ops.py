@@ -4,12 +4,15 @@ Dispatch: CUDA tensors run the Triton kernels; CPU tensors run the same kernels 
 interpreter when ``TRITON_INTERPRET=1`` was set before import, otherwise the PyTorch formulas of
 ``revkernels.reference``. float64 states always take the reference (the kernels compute in fp32).
 
+Tiles: autotuned per width, op and dtypes on a GPU, one fixed tile under the interpreter
+(``revkernels.tiles``); ``tuned_config`` reports the tile an op last ran with.
+
 Coefficients ``a``, ``c``, ``alpha``: a Python float, a 0-d tensor, or a 1-d tensor of size d
 broadcast on the last dim. Arithmetic is fp32; each result is cast to its buffer's dtype on store.
 The ops are not differentiable: the reversible scheduler calls them on detached buffers.
 """
 import contextlib
-import os
+import math
 from typing import Optional
 
 import torch
@@ -20,22 +23,12 @@ from .validation import (check_coef, check_disjoint, check_like, check_not_requi
                          check_out, check_same_dtype)
 
 try:
-    import triton
-
-    from .kernels.backward_step import backward_step_kernel
-    from .kernels.coupling import coupling_kernel
-    from .kernels.three_term import three_term_kernel
+    from . import tiles
+    from .tiles import INTERPRET
     HAS_TRITON = True
 except ImportError:  # no triton wheel for this platform: the reference runs everywhere
     HAS_TRITON = False
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-# Tile of BLOCK_M x BLOCK_D elements per program. BLOCK_D spans channels (coalesced loads); 256 divides
-# the usual model widths (512, 768, 1024, ...) so no lanes idle on masks. The element counts are a
-# heuristic (a few KiB of registers per operand per program), not yet tuned on a GPU (see README).
-TILE_ELEMS = {"three_term": 4096, "coupling": 4096, "backward_step": 2048}
-MAX_BLOCK_D = 256
+    INTERPRET = False
 
 
 def uses_triton(t: Tensor) -> bool:
@@ -48,11 +41,17 @@ def uses_triton(t: Tensor) -> bool:
 # ---------------------------------------------------------------- launch helpers
 
 def _coef(x):
-    """(tensor or None, python value) of a coefficient, as the custom ops take it. A per-channel
-    tensor is made contiguous: load_coef reads it at unit stride."""
+    """(tensor or None, python value) of a coefficient, as the custom ops take it."""
     if isinstance(x, Tensor):
-        return x.contiguous(), 0.0
+        return x, 0.0
     return None, float(x)
+
+
+def _kernel_coef(t: Optional[Tensor], placeholder: Tensor) -> Tensor:
+    """A coefficient tensor as a kernel reads it: fp32 (what the kernels compute in; the same value
+    as a cast in the kernel) and, per channel, contiguous (load_coef reads it at unit stride and with
+    the fp32 states' vector width). Without a tensor, any real allocation stands in (never read)."""
+    return placeholder if t is None else t.to(torch.float32).contiguous()
 
 
 def _mode(t: Optional[Tensor]) -> int:
@@ -90,13 +89,16 @@ class _Writable2d:
             self.t.copy_(self.view.view(self.t.shape))
 
 
-def _tiles(M: int, D: int, family: str):
-    block_d = min(triton.next_power_of_2(D), MAX_BLOCK_D)
-    block_m = max(1, min(TILE_ELEMS[family] // block_d, triton.next_power_of_2(M)))
-    num_warps = 8 if block_m * block_d >= 4096 else 4
-    grid = (triton.cdiv(M, block_m), triton.cdiv(D, block_d))
-    # FMA contraction stays on explicitly (Triton 3.10 turns its default off); the tests' bounds allow it.
-    return dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=True), grid
+def _layout(D: int, views, coef_modes=(), fp32_outputs=False) -> dict:
+    """Constexprs of kernels.common: ALIGN, the largest power of two <= 16 dividing D and every row
+    stride, and VEC, the channels one 16-byte access covers for the widest operand (per-channel
+    coefficients and the coefficient-gradient partial sums are fp32). FMA contraction stays on
+    explicitly (Triton 3.10 turns its default off); the tests' bounds allow it."""
+    align = 16
+    for v in (D, *(view.stride(0) for view in views)):
+        align = math.gcd(align, v)
+    widest = max([v.element_size() for v in views] + ([4] if fp32_outputs or 2 in coef_modes else []))
+    return dict(ALIGN=align, VEC=max(1, 16 // widest), enable_fp_fusion=True)
 
 
 def _device_guard(t: Tensor):
@@ -104,8 +106,9 @@ def _device_guard(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _strides(*views):
-    return [s for v in views for s in v.stride()]
+def _strides(align: int, *views):
+    """(row stride / ALIGN, channel stride) of each view: kernels.common's convention."""
+    return [s for v in views for s in (v.stride(0) // align, v.stride(1))]
 
 
 # ---------------------------------------------------------------- custom ops
@@ -121,15 +124,19 @@ def _three_term_op(out: Tensor, x: Tensor, y: Tensor, f: Tensor, a_t: Optional[T
         out.copy_((ref.rev_inverse if inverse else ref.rev_step)(x, y, f, a, c))
         return
     o = _Writable2d(out, initialised=False)
-    xv, yv, fv = _read_2d(x), _read_2d(y), _read_2d(f)
-    M, D = o.view.shape
-    meta, grid = _tiles(M, D, "three_term")
     with _device_guard(out):
-        three_term_kernel[grid](o.view, xv, yv, fv, a_t if a_t is not None else xv,
-                                c_t if c_t is not None else xv, a_s, c_s, M, D,
-                                *_strides(o.view, xv, yv, fv),
-                                A_MODE=_mode(a_t), C_MODE=_mode(c_t), INVERSE=inverse, **meta)
+        tiles.launch(*_three_term_launch(o.view, _read_2d(x), _read_2d(y), _read_2d(f), a_t, a_s, c_t, c_s, inverse))
     o.commit()
+
+
+def _three_term_launch(o, x, y, f, a_t, a_s, c_t, c_s, inverse):
+    """tiles.launch's arguments for three_term_kernel on (M, D) views."""
+    M, D = o.shape
+    layout = _layout(D, (o, x, y, f), (_mode(a_t), _mode(c_t)))
+    args = [o, x, y, f, _kernel_coef(a_t, x), _kernel_coef(c_t, x), a_s, c_s,
+            M, D // layout["ALIGN"], *_strides(layout["ALIGN"], o, x, y, f)]
+    consts = dict(A_MODE=_mode(a_t), C_MODE=_mode(c_t), INVERSE=inverse, **layout)
+    return "three_term", "rev_inverse" if inverse else "rev_step", f.dtype, M, D, args, consts
 
 
 @_three_term_op.register_fake
@@ -142,46 +149,57 @@ def _coef_grad_shape(t: Optional[Tensor]):
 
 
 @torch.library.custom_op("revkernels::backward_step_", mutates_args=("A", "gA", "gB"))
-def _backward_step_op(A: Tensor, B: Tensor, f: Tensor, gA: Tensor, gB: Tensor,
+def _backward_step_op(A: Tensor, B: Tensor, f: Tensor, gA: Tensor, gB: Tensor, g_pending: Optional[Tensor],
                       a_t: Optional[Tensor], a_s: float, c_t: Optional[Tensor], c_s: float,
                       coef_grads: bool) -> tuple[Tensor, Tensor, Tensor]:
     a = a_t if a_t is not None else a_s
     c = c_t if c_t is not None else c_s
     empty = A.new_empty(0, dtype=torch.float32)
     if not uses_triton(A) or A.numel() == 0:
-        A_new, gA_new, gB_new, gf, da, dc = ref.rev_backward_step(A, B, f, gA, gB, a, c, coef_grads)
+        A_new, gA_new, gB_new, gf, da, dc = ref.rev_backward_step(A, B, f, gA, gB, a, c, coef_grads, g_pending)
         A.copy_(A_new), gA.copy_(gA_new), gB.copy_(gB_new)
         if not coef_grads:
             return gf, empty, empty.clone()
         return gf, da.float().reshape(_coef_grad_shape(a_t)), dc.float().reshape(_coef_grad_shape(c_t))
     wA, wgA, wgB = _Writable2d(A, True), _Writable2d(gA, True), _Writable2d(gB, True)
-    Bv, fv = _read_2d(B), _read_2d(f)
-    M, D = wA.view.shape
-    gf = torch.empty((M, D), dtype=f.dtype, device=f.device)
-    meta, grid = _tiles(M, D, "backward_step")
-    # Per-tile column sums of the coefficient gradients; without them the kernel never touches
-    # these pointers, so gf stands in (a real allocation, unlike an empty tensor's null pointer).
-    parts = torch.empty((2, grid[0], D), dtype=torch.float32, device=A.device) if coef_grads else (gf, gf)
+    gp = _read_2d(g_pending) if g_pending is not None else None
+    gf = torch.empty(wA.view.shape, dtype=f.dtype, device=f.device)
+    launch, parts = _backward_step_launch(wA.view, _read_2d(B), _read_2d(f), wgA.view, wgB.view, gp, gf,
+                                          a_t, a_s, c_t, c_s, coef_grads)
     with _device_guard(A):
-        backward_step_kernel[grid](wA.view, Bv, fv, wgA.view, wgB.view, gf, parts[0], parts[1],
-                                   a_t if a_t is not None else Bv, c_t if c_t is not None else Bv,
-                                   a_s, c_s, M, D,
-                                   *_strides(wA.view, Bv, fv, wgA.view, wgB.view, gf),
-                                   A_MODE=_mode(a_t), C_MODE=_mode(c_t), COEF_GRADS=coef_grads, **meta)
+        cfg = tiles.launch(*launch)
     for w in (wA, wgA, wgB):
         w.commit()
     gf = gf.view(A.shape)
     if not coef_grads:
         return gf, empty, empty.clone()
-    # Reduce each partial-sum plane separately: views of one `sums` tensor would alias each other,
-    # which torch.library refuses for the outputs of a custom op (per-channel a and c).
-    da = parts[0].sum(0) if _mode(a_t) == 2 else parts[0].sum()
-    dc = parts[1].sum(0) if _mode(c_t) == 2 else parts[1].sum()
+    # Only the rows the chosen tile wrote. Reduce each partial-sum plane separately: views of one
+    # tensor would alias each other, which torch.library refuses for a custom op's outputs.
+    used = tiles.grid(*wA.view.shape, cfg.kwargs)[0]
+    da = parts[0, :used].sum(0) if _mode(a_t) == 2 else parts[0, :used].sum()
+    dc = parts[1, :used].sum(0) if _mode(c_t) == 2 else parts[1, :used].sum()
     return gf, da, dc
 
 
+def _backward_step_launch(A, B, f, gA, gB, gp, gf, a_t, a_s, c_t, c_s, coef_grads):
+    """(tiles.launch's arguments, partial-sum buffers) for backward_step_kernel on (M, D) views.
+    The partial column sums of the coefficient gradients get room for the tile choice with the most
+    row tiles; without coef_grads (and without g_pending) the kernel never touches those pointers, so
+    other real allocations stand in (unlike an empty tensor's null pointer)."""
+    M, D = A.shape
+    views = (A, B, f, gA, gB, gp if gp is not None else B, gf)
+    layout = _layout(D, views, (_mode(a_t), _mode(c_t)), fp32_outputs=coef_grads)
+    rows = tiles.max_row_tiles("backward_step", M, D, layout["VEC"], coef_grads)
+    parts = torch.empty((2, rows, D), dtype=torch.float32, device=A.device) if coef_grads else (gf, gf)
+    args = [*views, parts[0], parts[1], _kernel_coef(a_t, B), _kernel_coef(c_t, B), a_s, c_s,
+            M, D // layout["ALIGN"], *_strides(layout["ALIGN"], *views)]
+    consts = dict(A_MODE=_mode(a_t), C_MODE=_mode(c_t), COEF_GRADS=coef_grads, PENDING=gp is not None, **layout)
+    op = "rev_backward_step+coef_grads" if coef_grads else "rev_backward_step"
+    return ("backward_step", op, f.dtype, M, D, args, consts), parts
+
+
 @_backward_step_op.register_fake
-def _(A, B, f, gA, gB, a_t, a_s, c_t, c_s, coef_grads):
+def _(A, B, f, gA, gB, g_pending, a_t, a_s, c_t, c_s, coef_grads):
     if not coef_grads:
         return torch.empty_like(f), A.new_empty(0, dtype=torch.float32), A.new_empty(0, dtype=torch.float32)
     return (torch.empty_like(f), A.new_empty(_coef_grad_shape(a_t), dtype=torch.float32),
@@ -202,17 +220,24 @@ def _coupling_op(out: Tensor, x: Tensor, g: Tensor, gx: Optional[Tensor],
         return
     o = _Writable2d(out, initialised=False)
     wgx = _Writable2d(gx, initialised=True) if gx is not None else None
-    xv, gv = _read_2d(x), _read_2d(g)
-    gxv = wgx.view if wgx is not None else xv
-    M, D = o.view.shape
-    meta, grid = _tiles(M, D, "coupling")
     with _device_guard(out):
-        coupling_kernel[grid](o.view, xv, gv, gxv, alpha_t if alpha_t is not None else xv, alpha_s, M, D,
-                              *_strides(o.view, xv, gv, gxv),
-                              ALPHA_MODE=_mode(alpha_t), INVERSE=inverse, SCALE_GRAD=gx is not None, **meta)
+        tiles.launch(*_coupling_launch(o.view, _read_2d(x), _read_2d(g), wgx.view if wgx is not None else None,
+                                       alpha_t, alpha_s, inverse))
     o.commit()
     if wgx is not None:
         wgx.commit()
+
+
+def _coupling_launch(o, x, g, gx, alpha_t, alpha_s, inverse):
+    """tiles.launch's arguments for coupling_kernel on (M, D) views (gx None: no gradient scaling)."""
+    M, D = o.shape
+    gxv = gx if gx is not None else x  # placeholder when absent: never read
+    layout = _layout(D, (o, x, g, gxv), (_mode(alpha_t),))
+    args = [o, x, g, gxv, _kernel_coef(alpha_t, x), alpha_s, M, D // layout["ALIGN"],
+            *_strides(layout["ALIGN"], o, x, g, gxv)]
+    consts = dict(ALPHA_MODE=_mode(alpha_t), INVERSE=inverse, SCALE_GRAD=gx is not None, **layout)
+    op = "coupling_backward_step" if gx is not None else ("coupling_inverse" if inverse else "coupling_step")
+    return "coupling", op, g.dtype, M, D, args, consts
 
 
 @_coupling_op.register_fake
@@ -230,11 +255,11 @@ def three_term_(out, x, y, f, a, c, inverse=False):
     return out
 
 
-def backward_step_(A, B, f, gA, gB, a, c, coef_grads=False):
+def backward_step_(A, B, f, gA, gB, a, c, coef_grads=False, g_pending=None):
     """The fused backward step (see rev_backward_step). No validation."""
     a_t, a_s = _coef(a)
     c_t, c_s = _coef(c)
-    gf, da, dc = _backward_step_op(A, B, f, gA, gB, a_t, a_s, c_t, c_s, coef_grads)
+    gf, da, dc = _backward_step_op(A, B, f, gA, gB, g_pending, a_t, a_s, c_t, c_s, coef_grads)
     return (gf, da, dc) if coef_grads else (gf, None, None)
 
 
@@ -275,21 +300,28 @@ def rev_inverse(p_next: Tensor, p_cur: Tensor, f: Tensor, a, c, *, out: Optional
 
 
 def rev_backward_step(A: Tensor, B: Tensor, f: Tensor, gA: Tensor, gB: Tensor, a, c, *,
-                      coef_grads: bool = False):
-    """One fused pass of the reversible backward (DESIGN section 1), in place on A, gA, gB:
+                      coef_grads: bool = False, g_pending: Optional[Tensor] = None):
+    """One fused pass of the reversible backward (DESIGN section 1), in place on A, gA, gB. With
+    g = gA + g_pending (g_pending: a gradient of p[j+1] not yet added to gA, e.g. the block input
+    gradient J^T gf of the layer above; same shape and dtype as gA, read only), else g = gA:
 
-        A  <- (A - (1-a)*B - c*f) / a        gB <- gB + (1-a)*gA        gA <- a*gA
-        returns gf = c*gA_old (f's dtype) and, when coef_grads, dL/da = sum(gA_old*(A_new - B)),
-        dL/dc = sum(gA_old*f): fp32 scalars, or per-channel vectors for per-channel coefficients;
+        A  <- (A - (1-a)*B - c*f) / a        gB <- gB + (1-a)*g        gA <- a*g
+        returns gf = c*g (f's dtype) and, when coef_grads, dL/da = sum(g*(A_new - B)),
+        dL/dc = sum(g*f): fp32 scalars, or per-channel vectors for per-channel coefficients;
         otherwise (gf, None, None).
     """
     check_like("A", A, B=B, f=f, gA=gA, gB=gB)
     check_same_dtype("A", A, B=B)
+    read = {"B": B, "f": f}
+    if g_pending is not None:
+        check_like("gA", gA, g_pending=g_pending)
+        check_same_dtype("gA", gA, g_pending=g_pending)
+        read["g_pending"] = g_pending
     check_coef("a", a, A, nonzero=True)
     check_coef("c", c, A)
-    check_disjoint({"A": A, "gA": gA, "gB": gB}, {"B": B, "f": f})
-    check_not_requiring_grad(A=A, B=B, f=f, gA=gA, gB=gB, a=a, c=c)
-    return backward_step_(A, B, f, gA, gB, a, c, coef_grads)
+    check_disjoint({"A": A, "gA": gA, "gB": gB}, read)
+    check_not_requiring_grad(A=A, B=B, f=f, gA=gA, gB=gB, g_pending=g_pending, a=a, c=c)
+    return backward_step_(A, B, f, gA, gB, a, c, coef_grads, g_pending)
 
 
 def coupling_step(x: Tensor, g: Tensor, alpha, *, out: Optional[Tensor] = None) -> Tensor:
@@ -319,3 +351,12 @@ def coupling_backward_step(x: Tensor, g: Tensor, gx: Tensor, alpha) -> Tensor:
     check_disjoint({"x": x, "gx": gx}, {"g": g})
     check_not_requiring_grad(x=x, g=g, gx=gx, alpha=alpha)
     return coupling_(x, x, g, alpha, inverse=True, gx=gx)
+
+
+def tuned_config(op: str, D: int, dtype=torch.bfloat16) -> Optional[dict]:
+    """The tile the last Triton launch of public op `op` used for width D and f / g dtype `dtype`:
+    dict(BLOCK_M, BLOCK_D, num_warps, VEC, ALIGN, tuned), `tuned` False for the interpreter's fixed
+    tile; None when that op never ran through Triton. `op` is a public op name ("rev_step",
+    "rev_inverse", "rev_backward_step", "rev_backward_step+coef_grads", "coupling_step",
+    "coupling_inverse", "coupling_backward_step")."""
+    return tiles.chosen(op, D, dtype) if HAS_TRITON else None

@@ -35,19 +35,20 @@ def _reduce_to(x, coef):
     return x.sum()
 
 
-def rev_backward_step(A, B, f, gA, gB, a, c, coef_grads=False):
-    """One layer of the reversible backward (DESIGN section 1), out of place.
+def rev_backward_step(A, B, f, gA, gB, a, c, coef_grads=False, g_pending=None):
+    """One layer of the reversible backward (DESIGN section 1), out of place. With
+    g = gA + g_pending (summed in the compute dtype) when g_pending is given, else g = gA:
 
     Returns (A_new, gA_new, gB_new, gf, da, dc) with
         A_new  = (A - (1-a)*B - c*f) / a        # p[j-1]
-        gf     = c * gA                         # cotangent for f's vjp (f's dtype)
-        gB_new = gB + (1-a) * gA
-        gA_new = a * gA
-        da     = sum(gA * (A_new - B)),  dc = sum(gA * f)   (None unless coef_grads)
+        gf     = c * g                          # cotangent for f's vjp (f's dtype)
+        gB_new = gB + (1-a) * g
+        gA_new = a * g
+        da     = sum(g * (A_new - B)),  dc = sum(g * f)   (None unless coef_grads)
     """
     dt = _compute_dtype(A)
     a_, c_ = _coef(a, dt), _coef(c, dt)
-    g = gA.to(dt)
+    g = gA.to(dt) if g_pending is None else gA.to(dt) + g_pending.to(dt)
     f32 = f.to(dt)
     A_new = (A.to(dt) - (1 - a_) * B.to(dt) - c_ * f32) / a_
     gf = (c_ * g).to(f.dtype)

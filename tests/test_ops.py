@@ -51,16 +51,16 @@ import pytest
 import torch
 
 import revkernels as rk
-from revkernels import ops
+from revkernels import ops, tiles
 from revkernels import reference as ref
 
 U = 2.0 ** -24
 U_LOW = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
-# Larger than a tile: more rows than any BLOCK_M and a last dim > MAX_BLOCK_D, so several programs run
-# on both grid axes, with partial tiles on both (test_big_shapes_span_several_programs checks it).
-_BIG_M = max(ops.TILE_ELEMS.values()) // ops.MAX_BLOCK_D + 5
-_BIG_D = ops.MAX_BLOCK_D + 44
+# Larger than an interpreter tile: more rows than any BLOCK_M and a last dim > MAX_BLOCK_D, so several
+# programs run on both grid axes, with partial tiles on both (test_big_shapes_span_several_programs).
+_BIG_M = max(tiles.INTERPRETER_TILE_ELEMS.values()) // tiles.MAX_BLOCK_D + 5
+_BIG_D = tiles.MAX_BLOCK_D + 44
 BIG = (_BIG_M, _BIG_D)
 LAYOUT_SHAPE = (3, -(-_BIG_M // 3), _BIG_D)  # the same as (batch, seq, d), for the layout tests
 SHAPES = [(), (1,), (1, 1, 1), (0, 8), (3, 17, 40), BIG]
@@ -158,16 +158,17 @@ def reduce_like(t, coef):
     return t.sum()
 
 
-def kernel_sum_depth(t, coef):
-    """Additions any one term goes through in the fused backward's reduction: a tile's BLOCK_M rows in
-    the kernel (tl.sum), then torch over the grid[0] tile partials (over those and the D channels at
+def kernel_sum_depth(t, coef, f_dtype):
+    """Additions any one term goes through in the last fused backward's reduction: a tile's BLOCK_M rows
+    in the kernel (tl.sum), then torch over the grid[0] tile partials (over those and the D channels at
     once for a scalar coefficient). On the reference path: torch.sum over all n terms."""
     per_channel = isinstance(coef, torch.Tensor) and coef.dim() == 1
     if not ops.uses_triton(t) or t.numel() == 0:
         return n_summed(t, coef) - 1
     D = last_dim(t.shape)
-    meta, grid = ops._tiles(t.numel() // D, D, "backward_step")
-    return (meta["BLOCK_M"] - 1) + (grid[0] - 1 if per_channel else grid[0] * D - 1)
+    tile = ops.tuned_config("rev_backward_step+coef_grads", D, f_dtype)
+    rows = tiles.grid(t.numel() // D, D, tile)[0]
+    return (tile["BLOCK_M"] - 1) + (rows - 1 if per_channel else rows * D - 1)
 
 
 def n_summed(t, coef):
@@ -200,10 +201,10 @@ def test_nan_fill_guard_is_active():
 @pytest.mark.parametrize("shape", [BIG, LAYOUT_SHAPE], ids=str)
 @pytest.mark.parametrize("family", ["three_term", "coupling", "backward_step"])
 def test_big_shapes_span_several_programs(family, shape):
-    if not ops.HAS_TRITON:
-        pytest.skip("no triton")
+    """Under the interpreter (CPU); on a GPU the autotuner picks the tiles."""
     D = shape[-1]
-    _, grid = ops._tiles(math.prod(shape[:-1]), D, family)
+    M = math.prod(shape[:-1])
+    grid = tiles.grid(M, D, tiles.interpreter_tile(family, M, D, 4).kwargs)
     assert grid[0] > 1 and grid[1] > 1, grid
 
 
@@ -211,8 +212,8 @@ def test_guard_catches_a_kernel_that_skips_a_tile(monkeypatch):
     """The tests can fail: launched with one row of programs too few, the NaN of the fresh buffer shows."""
     if not (ops.HAS_TRITON and ops.uses_triton(torch.zeros(1))):
         pytest.skip("kernels do not run on this machine's CPU")
-    tiles = ops._tiles
-    monkeypatch.setattr(ops, "_tiles", lambda M, D, fam: (lambda m, g: (m, (g[0] - 1, g[1])))(*tiles(M, D, fam)))
+    grid = tiles.grid
+    monkeypatch.setattr(tiles, "grid", lambda M, D, meta: (lambda g: (g[0] - 1, g[1]))(grid(M, D, meta)))
     x, y, f = (rand(BIG, "cpu") for _ in range(3))
     assert rk.rev_step(x, y, f, 0.5, 0.5).isnan().any()
     gf, _, _ = rk.rev_backward_step(x.clone(), y, f, x.clone(), y.clone(), 0.5, 0.5)
@@ -313,7 +314,7 @@ def test_backward_step_matches_reference(device, shape, f_dtype, kinds):
     # Tighter, against the exact sums: the kernel's own summation depth instead of n (NUMERICS).
     g = d64(gA0)
     A_exact = (d64(A0) - (1 - d64(a)) * d64(B0) - d64(c) * d64(f0)) / d64(a)
-    depth_a, depth_c = kernel_sum_depth(A0, a), kernel_sum_depth(A0, c)
+    depth_a, depth_c = kernel_sum_depth(A0, a, f_dtype), kernel_sum_depth(A0, c, f_dtype)
     ta, tc = g * (A_exact - d64(B0)), g * d64(f0)
     assert_within(da, reduce_like(ta, a), (depth_a + 2) * U * reduce_like(ta.abs(), a) + reduce_like(g.abs() * eA, a),
                   "backward dL/da vs exact (summation depth)")
@@ -335,6 +336,87 @@ def test_backward_step_without_coef_grads(device, kinds):
     for got, want, e, name in ((A, expected[0], eA, "A"), (gA, expected[1], e_gA, "gA"),
                                (gB, expected[2], e_gB, "gB"), (gf, expected[3], e_gf, "gf")):
         assert_within(got, want, 2 * e, f"backward {name} vs reference")
+
+
+# ------------------------------------------------------------------ g_pending: gA + J^T gf folded in
+
+G_PENDING_CASES = [pytest.param(s, dt, k, id=f"{s}-{str(dt)[6:]}-{'-'.join(k)}")
+                   for s in [(3, 17, 40), (5, 100)] for dt in (torch.float32, torch.bfloat16)
+                   for k in (("float", "float"), ("channel", "0d"))]
+G_PENDING_CASES.append(pytest.param(BIG, torch.bfloat16, ("channel", "0d"), id="big"))
+
+
+@pytest.mark.parametrize("shape, f_dtype, kinds", G_PENDING_CASES)
+def test_backward_step_with_g_pending(device, shape, f_dtype, kinds):
+    """g_pending is added to gA in fp32 inside the kernel: every output is bit-identical to calling
+    with gA + g_pending summed beforehand (the separate pass it replaces), and within the reference's
+    bounds for that sum (the reference takes g_pending too)."""
+    a, c = coef_pair(kinds, shape, device)
+    A, B, gA, gB, gp = (rand(shape, device) for _ in range(5))
+    f = rand(shape, device, f_dtype)
+    A0, B0, f0, gA0, gB0, gp0 = clones(A, B, f, gA, gB, gp)
+    A2, gB2, g_sum = A.clone(), gB.clone(), gA + gp
+
+    gf, da, dc = rk.rev_backward_step(A, B, f, gA, gB, a, c, coef_grads=True, g_pending=gp)
+    gf2, da2, dc2 = rk.rev_backward_step(A2, B, f, g_sum, gB2, a, c, coef_grads=True)
+
+    for got, want, name in ((A, A2, "A"), (gA, g_sum, "gA"), (gB, gB2, "gB"), (gf, gf2, "gf"),
+                            (da, da2, "dL/da"), (dc, dc2, "dL/dc")):
+        assert torch.equal(got, want), f"{name} with g_pending differs from the pre-summed gA"
+    expected = ref.rev_backward_step(A0, B0, f0, gA0, gB0, a, c, coef_grads=True, g_pending=gp0)
+    eA, e_gA, e_gB, e_gf, e_da, e_dc = backward_step_bounds(A0, B0, f0, gA0 + gp0, gB0, a, c, expected)
+    for got, want, e, name in ((A, expected[0], eA, "A"), (gA, expected[1], e_gA, "gA"),
+                               (gB, expected[2], e_gB, "gB"), (gf, expected[3], e_gf, "gf"),
+                               (da, expected[4], e_da, "dL/da"), (dc, expected[5], e_dc, "dL/dc")):
+        assert_within(got, want, 2 * e, f"backward {name} with g_pending vs reference")
+    # Against float64: three roundings (the sum, a to fp32, the product), first order in u; 4u covers
+    # the second-order terms.
+    g64 = d64(gA0) + d64(gp0)
+    assert_within(gA, d64(a) * g64, 4 * U * (d64(a) * g64).abs(), "backward gA with g_pending vs exact")
+    assert torch.equal(gp, gp0) and torch.equal(B, B0) and torch.equal(f, f0)  # read-only operands
+
+
+def test_reference_g_pending_is_gA_plus_g_pending():
+    shape = (4, 24)
+    A, B, gA, gB, gp = (rand(shape, "cpu").double() for _ in range(5))
+    a = make_coef("channel", "a", 24, "cpu").double()
+    got = ref.rev_backward_step(A, B, B, gA, gB, a, 0.3, True, gp)
+    want = ref.rev_backward_step(A, B, B, gA + gp, gB, a, 0.3, True)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+# ------------------------------------------------------------------ autotuning: in-place updates once
+
+def test_autotuning_applies_in_place_updates_once(monkeypatch):
+    """Tuning times several tiles on the real arguments: each timed launch of an in-place op must be
+    undone (restore_value), so the result is one application, equal to an untuned launch. Run through
+    the autotuner under the interpreter here (a GPU tunes on first use of each width)."""
+    if not (ops.HAS_TRITON and ops.uses_triton(torch.zeros(1))):
+        pytest.skip("kernels do not run on this machine's CPU")
+    monkeypatch.setattr(tiles, "TUNE_UNDER_INTERPRETER", True)
+    monkeypatch.setattr(tiles, "_TUNERS", {})
+    monkeypatch.setattr(tiles, "COEF_GRADS_VECTORS_PER_THREAD", (1, 4))  # two tiles to time here too
+    shape = (2, 3, 40)  # one or two programs per launch: the interpreter is slow per program
+    x, y, gA, gB, gp = (rand(shape, "cpu") for _ in range(5))
+    f = rand(shape, "cpu", torch.bfloat16)
+    a = make_coef("channel", "a", 40, "cpu")
+    want_step = ref.rev_step(x, y, f, a, 0.3)
+    want_back = ref.rev_backward_step(x, y, f, gA, gB, a, 0.3, True, gp)
+
+    buf = x.clone()
+    rk.rev_step(buf, y, f, a, 0.3, out=buf)
+    A, gA_, gB_ = x.clone(), gA.clone(), gB.clone()
+    gf, da, dc = rk.rev_backward_step(A, y, f, gA_, gB_, a, 0.3, coef_grads=True, g_pending=gp)
+
+    for family in ("three_term", "backward_step"):
+        assert len(tiles._TUNERS[family].configs_timings) > 1, "the autotuner timed a single tile"
+    tile = ops.tuned_config("rev_backward_step+coef_grads", 40, torch.bfloat16)
+    assert tile["tuned"] and tiles._TUNERS["backward_step"].best_config.kwargs["BLOCK_M"] == tile["BLOCK_M"]
+    assert_within(buf, want_step, 2 * step_err(x, y, f, a, 0.3), "tuned in-place rev_step")
+    bounds = backward_step_bounds(x, y, f, gA + gp, gB, a, 0.3, want_back)
+    for got, want, e, name in zip((A, gA_, gB_, gf, da, dc), want_back, bounds, ("A", "gA", "gB", "gf", "da", "dc")):
+        assert_within(got, want, 2 * e, f"tuned backward {name}")
 
 
 @pytest.mark.parametrize("kind", ["float", "0d", "channel"])

@@ -45,9 +45,9 @@ SPECS = {
                  lambda: dict(p_prev=t(), p_cur=t(), f=t(dtype=torch.bfloat16), a=0.5, c=0.3, out=None)),
     "rev_inverse": (("p_next", "p_cur", "f", "a", "c"), ("out",),
                     lambda: dict(p_next=t(), p_cur=t(), f=t(dtype=torch.bfloat16), a=0.5, c=0.3, out=None)),
-    "rev_backward_step": (("A", "B", "f", "gA", "gB", "a", "c"), ("coef_grads",),
+    "rev_backward_step": (("A", "B", "f", "gA", "gB", "a", "c"), ("coef_grads", "g_pending"),
                           lambda: dict(A=t(), B=t(), f=t(dtype=torch.bfloat16), gA=t(), gB=t(),
-                                       a=torch.rand(D) + 0.5, c=0.3, coef_grads=True)),
+                                       a=torch.rand(D) + 0.5, c=0.3, coef_grads=True, g_pending=t())),
     "coupling_step": (("x", "g", "alpha"), ("out",),
                       lambda: dict(x=t(), g=t(dtype=torch.bfloat16), alpha=0.5, out=None)),
     "coupling_inverse": (("x_new", "g", "alpha"), ("out",),
@@ -131,6 +131,10 @@ def cases():
             add(f"dtype-{k}-bf16", put(k, lambda: t(dtype=torch.bfloat16)), TypeError, rf"^{k}\b")
         if has_out:
             add("dtype-out", put("out", lambda: t(dtype=torch.bfloat16)), TypeError, r"^out\b")
+        if "g_pending" in tensors:  # read in fp32 like gA, but must have gA's dtype
+            for cid, dtype in (("f64", torch.float64), ("bf16", torch.bfloat16)):
+                add(f"dtype-g_pending-{cid}", put("g_pending", lambda dtype=dtype: t(dtype=dtype)), TypeError,
+                    r"^g_pending\b")
         for k in tensors:
             add(f"int-{k}", put(k, lambda: torch.ones(SHAPE, dtype=torch.int32)), TypeError, rf"^{k}\b")
         add(f"bool-{others[0]}", put(others[0], lambda: torch.ones(SHAPE, dtype=torch.bool)), TypeError, rf"^{others[0]}\b")
@@ -196,6 +200,8 @@ def aliasing_cases():
         out.append((b, f"{w}-overlaps-{o}", overlap(w, o), ValueError, either(w, o)))
     for w in ("A", "gA", "gB"):
         out.append((b, f"{w}-expanded", put(w, expanded), ValueError, rf"^{w}\b"))
+        out.append((b, f"{w}-is-g_pending", alias(w, "g_pending"), ValueError, either(w, "g_pending")))
+        out.append((b, f"{w}-overlaps-g_pending", overlap(w, "g_pending"), ValueError, either(w, "g_pending")))
 
     c = "coupling_backward_step"
     for w, o in (("gx", "x"), ("gx", "g"), ("x", "g")):
@@ -260,6 +266,7 @@ def test_read_only_operands_may_alias_each_other():
     rk.rev_step(x, x, f, 0.5, 0.3)
     A, gA, gB, B = t(), t(), t(), t()
     rk.rev_backward_step(A, B, B, gA, gB, 0.5, 0.3)
+    rk.rev_backward_step(A, B, B, gA, gB, 0.5, 0.3, g_pending=B)  # g_pending is read only too
 
 
 @pytest.mark.parametrize("a", [1, -1, 1e-30, torch.tensor(-2.0), torch.full((D,), 1e-3)], ids=str)
