@@ -242,16 +242,20 @@ class ThreeTermFunction(torch.autograd.Function):
         gB = torch.zeros_like(gA)
         coef_grads = a.requires_grad or c.requires_grad
         da, dc, param_grads = [], [], []
+        pending = None              # J_{j+1}^T gf of the layer above: the part of gA not yet added
         for j in reversed(range(len(run.blocks))):
             inp, f = _recompute(run.blocks[j], B, ctx.fwd_ctxs[j], ctx.autocast)
-            gf, da_j, dc_j = backward_step_(A, B, f.detach(), gA, gB, a[j], c[j], coef_grads)
+            gf, da_j, dc_j = backward_step_(A, B, f.detach(), gA, gB, a[j], c[j], coef_grads, g_pending=pending)
             grads_j = []
-            _add_(gB, block_vjp(j, run.blocks[j], f, inp, run.params[j], run.names[j], gf, grads_j))
+            pending = block_vjp(j, run.blocks[j], f, inp, run.params[j], run.names[j], gf, grads_j)
+            if pending is not None:
+                pending = pending.to(gB.dtype).contiguous()   # belongs to dL/dp[j] = gB, the next gA
             param_grads.append(grads_j)
             da.append(da_j), dc.append(dc_j)
             A, B, gA, gB = B, A, gB, gA
         _report(run, (A, B), (x, x))                       # rebuilt p[0] and p[-1] against x
-        g_x = (gA + gB).to(ctx.x_dtype)                    # p[0] and p[-1] are both x
+        g_x = gA + gB if pending is None else gA + gB + pending   # p[0] and p[-1] are both x
+        g_x = g_x.to(ctx.x_dtype)
         g_a = torch.stack(da[::-1]).to(a.dtype) if a.requires_grad else None
         g_c = torch.stack(dc[::-1]).to(c.dtype) if c.requires_grad else None
         return (g_x, g_a, g_c, None, *_ordered_param_grads(param_grads))
