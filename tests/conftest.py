@@ -1,14 +1,15 @@
 """Shared test set-up: kernels on CPU via Triton's interpreter, NaN-filled fresh buffers, devices."""
 import os
 
-# Must precede the first `import triton` (revkernels reads it at import). `make test` sets it to 0 on a
-# CUDA machine so the kernels run compiled there; on CPU the interpreter runs the same kernels.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # torch does not import triton
+
+# Must precede the first `import triton` (revkernels reads it at import): compiled kernels on a CUDA
+# machine, Triton's interpreter running the same kernels on CPU tensors otherwise.
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 import functools  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 # The tests run tiny tensors: intra-op threads gain nothing there, and OpenMP's spin-waits thrash on
 # a shared 2-core machine (a 32x64 @ 64x192 linear measured 24 ms with 2 threads under load, 44 us with 1).
