@@ -235,14 +235,15 @@ class HamiltonianStack(_StackBase):
         """p[L] from p[0] = p0 and q[0] = q0 (p0 when None); (q[L], p[L]) when return_both.
         Gradients reach both initial streams."""
         self._check_input(p0)
-        if q0 is None:
-            q0 = p0
+        two_streams = q0 is not None
+        if not two_streams:
+            q0 = p0.view_as(p0)    # a distinct tensor object: Dynamo refuses one tensor passed twice
         else:
             self._check_input(q0)
             if q0.shape != p0.shape or q0.device != p0.device:
                 raise ValueError(f"q0 {tuple(q0.shape)} on {q0.device} must match p0 {tuple(p0.shape)} on {p0.device}")
         if self.exact:
-            if q0 is not p0 or return_both:
+            if two_streams or return_both:
                 raise ValueError("exact=True HamiltonianStack takes one initial stream (q0=None) and "
                                  "returns p[L] (return_both=False)")
             return exact_hamiltonian(p0, self.a, self.b, self._run(self._interleaved()), self.reversible, self)

@@ -193,7 +193,9 @@ def reconstruction_error(rebuilt, originals):
 
 
 def _report(run, rebuilt, originals):
-    if run.report_reconstruction is not None:
+    """Hands the meter its value; a backward traced by torch.compile (whole-model compile) has no meter:
+    Dynamo cannot trace the module state it writes."""
+    if run.report_reconstruction is not None and not torch.compiler.is_compiling():
         run.report_reconstruction(reconstruction_error(rebuilt, originals))
 
 
