@@ -9,6 +9,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 from time import perf_counter
 
 import numpy as np
@@ -67,6 +68,7 @@ class Context:
     preset: str
     out: Path
     tag_device: bool = False
+    data: Optional[str] = None      # quality: a text file to train on (None: the standard library's sources)
 
     def __post_init__(self):
         self.out = Path(self.out)
