@@ -32,7 +32,7 @@ class Corpus:
 
     def describe(self) -> str:
         return (f"{self.name}: {self.n_files} file(s), {len(self.train) + len(self.val):,} bytes "
-                f"({len(self.train):,} train, {len(self.val):,} validation), sha256 {self.sha256[:16]}…")
+                f"({len(self.train):,} train, {len(self.val):,} validation), sha256 {self.sha256}")
 
 
 def _tensor(data: bytes) -> torch.Tensor:
