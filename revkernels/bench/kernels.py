@@ -158,6 +158,8 @@ def run(ctx) -> str:
     compiled = {op.name: torch.compile(op.math, dynamic=False) for op in OPS} if p["compile"] else None
     skipped = []
     with torch._dynamo.config.patch(recompile_limit=64):
+        if ctx.is_cpu:
+            _warm_up(ctx, p, compiled)
         for n in progress(sorted(set(p["sizes"]) | {p["copy_ref"]}), "kernels"):
             groups = [("copy", lambda: _measure_copy(ctx, p, n))]
             if n in p["sizes"]:
@@ -177,6 +179,21 @@ def run(ctx) -> str:
                             _cpu_plot(ctx, p, rows))
     return write_report(ctx, "Fused kernels: effective bandwidth", _markdown(ctx, p, rows, skipped),
                         _plot(ctx, p, rows))
+
+
+def _warm_up(ctx, p, compiled):
+    """Call every op of every provider a few times before timing any: on a CPU the allocator adapts
+    to the first large frees (glibc's mmap threshold), which otherwise slows whichever op runs first."""
+    n = max(p["sizes"])
+    for op in OPS:
+        args = op.inputs(n // p["d"], p["d"], ctx.device)
+        fns = [op.math] + ([] if reference_only(ctx) else [op.fused]) + ([compiled[op.name]] if compiled else [])
+        for fn in fns:
+            for _ in range(3):
+                try:
+                    fn(*args)
+                except Exception:  # noqa: BLE001 - a provider that fails is reported by the measurement
+                    break
 
 
 def _ms(rows, op, provider, n):

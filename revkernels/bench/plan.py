@@ -105,7 +105,7 @@ def _quality_s():
     for k in RETROFIT_ITERATIONS:
         calls = 2 + k                                  # block calls per layer of the student: f_j, f_{j-1} k+1 times
         step = cm.step_s(dict(base, arch="midpoint"), p["batch"]) * calls + cm.step_s(base, p["batch"]) / 3
-        n_evals = p["align_steps"] // p["eval_every"] + 1
+        n_evals = p["align_steps"] // p["align_eval_every"] + 1
         total += p["align_steps"] * step + n_evals * p["eval_batches"] * step / 2 + p["sample_tokens"] * SAMPLE_TOKEN_S
     return total
 

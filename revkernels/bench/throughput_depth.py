@@ -32,7 +32,7 @@ PRESETS = {
                 steps=2, isolate=True, rounds=5, per_round=1, common_warmup=2),
     "cpu": dict(shape=dict(vocab_size=256, seq_len=64, d_model=64, n_heads=4), depths=(4, 16),
                 archs=ARCHS, max_archs=(), common_batch=8, budgets=(), loss_chunk_tokens=128,
-                rounds=10, per_round=2, common_warmup=2),
+                rounds=20, per_round=2, common_warmup=2),
     "tiny": dict(shape=dict(vocab_size=64, seq_len=16, d_model=32, n_heads=2), depths=(1, 2),
                  archs=("baseline", "midpoint"), max_archs=("baseline", "midpoint"), common_batch=2,
                  budgets=(("0.7 MiB", int(0.7 * MIB)),),
