@@ -146,6 +146,20 @@ def time_ms(fn, device: torch.device, warmup: int, reps: int) -> tuple:
     return quantiles(ms)
 
 
+def interleaved_ms(fns: dict, device: torch.device, warmup: int, rounds: int, per_round: int) -> dict:
+    """{name: [median ms of `per_round` calls, one per round]}: every callable warmed up, then timed
+    round by round, the order reversed every other round, so a load change on a shared machine (or
+    the allocator adapting) hits every callable alike instead of whichever ran first."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    names, times = list(fns), {k: [] for k in fns}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            times[name].append(time_ms(fns[name], device, 0, per_round)[0])
+    return times
+
+
 # ---------------------------------------------------------------- CSV
 
 def write_csv(path: Path, rows, columns):

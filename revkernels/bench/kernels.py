@@ -12,7 +12,9 @@ TRITON_INTERPRET=1, else the PyTorch reference -- the same code as `eager`, so i
 `eager` (revkernels.reference, plain PyTorch), `compile` (torch.compile of that same function).
 
 On a CPU the report gives times only, as points at one size: bandwidth figures describe the fused
-GPU kernels, which do not run there. Rows are appended per (op, size) as they finish; a rerun resumes.
+GPU kernels, which do not run there. There every (op, provider) and a copy of the same elements are
+timed interleaved (common.interleaved_ms), so a load change or the allocator adapting to the first large
+frees hits them alike. On a GPU, rows are appended per (op, size) as they finish; a rerun resumes.
 """
 from dataclasses import dataclass
 from typing import Callable
@@ -21,14 +23,15 @@ import torch
 
 from .. import ops
 from .. import reference as ref
-from .common import append_csv, figure, fused_path, markdown_table, progress, read_csv, time_ms, write_csv, \
-    write_report
+from .common import append_csv, figure, fused_path, interleaved_ms, markdown_table, progress, quantiles, read_csv, \
+    time_ms, write_csv, write_report
 
 PRESETS = {
     # sizes in elements (gpu: 1M .. 256M); copy_ref: the copy that gives the reference line
     "gpu": dict(sizes=(2 ** 20, 2 ** 24, 2 ** 26, 2 ** 28), copy_ref=2 ** 28, d=1024, compile=True),
-    "cpu": dict(sizes=(2 ** 20,), copy_ref=2 ** 24, d=1024, compile=True, warmup=5, reps=50),
-    "tiny": dict(sizes=(2 ** 12,), copy_ref=2 ** 12, d=64, compile=False, warmup=1, reps=2),
+    # cpu / tiny: one size, every (op, provider) timed interleaved in `rounds` rounds of `per_round` calls
+    "cpu": dict(sizes=(2 ** 20,), d=1024, compile=True, warmup=5, rounds=10, per_round=5),
+    "tiny": dict(sizes=(2 ** 12,), d=64, compile=False, warmup=1, rounds=2, per_round=1),
 }
 COLUMNS = ("op", "provider", "mode", "metric", "x", "median", "p20", "p80", "device")
 MODE = "fp32 state, bf16 f"
@@ -151,49 +154,68 @@ def reference_only(ctx) -> bool:
 
 def run(ctx) -> str:
     p = PRESETS[ctx.preset]
-    path = ctx.path("csv")
-    rows = [dict(r, x=int(r["x"]), **{k: float(r[k]) for k in ("median", "p20", "p80")})
-            for r in read_csv(path) if r["device"] == ctx.device_name]
-    have = {(r["op"], r["x"]) for r in rows}
     compiled = {op.name: torch.compile(op.math, dynamic=False) for op in OPS} if p["compile"] else None
     skipped = []
     with torch._dynamo.config.patch(recompile_limit=64):
         if ctx.is_cpu:
-            _warm_up(ctx, p, compiled)
-        for n in progress(sorted(set(p["sizes"]) | {p["copy_ref"]}), "kernels"):
-            groups = [("copy", lambda: _measure_copy(ctx, p, n))]
-            if n in p["sizes"]:
-                groups += [(op.name, lambda op=op: _measure_op(ctx, p, op, n, compiled, skipped)) for op in OPS]
-            for name, measure in groups:
-                if (name, n) in have:
-                    continue
-                ctx.check_time(f"kernels {name} at {n} elements")
-                for row in measure():
-                    rows.append(row)
-                    append_csv(path, row, COLUMNS)
-            if ctx.device.type == "cuda":
-                torch.cuda.empty_cache()
-    write_csv(path, rows, COLUMNS)
-    if reference_only(ctx) or ctx.is_cpu:
-        return write_report(ctx, "Fused ops on the CPU: time per call", _cpu_markdown(ctx, p, rows, skipped),
-                            _cpu_plot(ctx, p, rows))
+            rows = _measure_cpu(ctx, p, compiled, skipped)
+            write_csv(ctx.path("csv"), rows, COLUMNS)
+            return write_report(ctx, "Fused ops on the CPU: time per call", _cpu_markdown(ctx, p, rows, skipped),
+                                _cpu_plot(ctx, p, rows))
+        rows = _measure_gpu(ctx, p, compiled, skipped)
     return write_report(ctx, "Fused kernels: effective bandwidth", _markdown(ctx, p, rows, skipped),
                         _plot(ctx, p, rows))
 
 
-def _warm_up(ctx, p, compiled):
-    """Call every op of every provider a few times before timing any: on a CPU the allocator adapts
-    to the first large frees (glibc's mmap threshold), which otherwise slows whichever op runs first."""
-    n = max(p["sizes"])
+def _measure_gpu(ctx, p, compiled, skipped) -> list:
+    """Every size, op and provider, resuming from the CSV's rows of this device."""
+    path = ctx.path("csv")
+    rows = [dict(r, x=int(r["x"]), **{k: float(r[k]) for k in ("median", "p20", "p80")})
+            for r in read_csv(path) if r["device"] == ctx.device_name]
+    have = {(r["op"], r["x"]) for r in rows}
+    for n in progress(sorted(set(p["sizes"]) | {p["copy_ref"]}), "kernels"):
+        groups = [("copy", lambda: _measure_copy(ctx, p, n))]
+        if n in p["sizes"]:
+            groups += [(op.name, lambda op=op: _measure_op(ctx, p, op, n, compiled, skipped)) for op in OPS]
+        for name, measure in groups:
+            if (name, n) in have:
+                continue
+            ctx.check_time(f"kernels {name} at {n} elements")
+            for row in measure():
+                rows.append(row)
+                append_csv(path, row, COLUMNS)
+        torch.cuda.empty_cache()
+    write_csv(path, rows, COLUMNS)
+    return rows
+
+
+def _measure_cpu(ctx, p, compiled, skipped) -> list:
+    """time_ms rows of the copy and every (op, provider) at the preset's one size, timed interleaved."""
+    n = p["sizes"][0]
+    src, dst = _states(n // p["d"], p["d"], ctx.device, 2)
+    fns = {("copy", "torch"): lambda: dst.copy_(src)}
     for op in OPS:
         args = op.inputs(n // p["d"], p["d"], ctx.device)
-        fns = [op.math] + ([] if reference_only(ctx) else [op.fused]) + ([compiled[op.name]] if compiled else [])
-        for fn in fns:
-            for _ in range(3):
-                try:
-                    fn(*args)
-                except Exception:  # noqa: BLE001 - a provider that fails is reported by the measurement
-                    break
+        providers = {"eager": op.math} if reference_only(ctx) else {"revkernels": op.fused, "eager": op.math}
+        if compiled:
+            providers["compile"] = compiled[op.name]
+        for provider, fn in providers.items():
+            try:
+                fn(*args)
+            except Exception as err:  # noqa: BLE001 - e.g. torch.compile without a working toolchain
+                if provider != "compile":
+                    raise
+                skipped.append(f"{op.name}, compile: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+                continue
+            fns[(op.name, provider)] = lambda fn=fn, args=args: fn(*args)
+    times = interleaved_ms(fns, ctx.device, p["warmup"], p["rounds"], p["per_round"])
+    return [dict(op=op, provider=provider, mode=MODE, metric="time_ms", x=n, device=ctx.device_name,
+                 **dict(zip(("median", "p20", "p80"), quantiles(ms)))) for (op, provider), ms in times.items()]
+
+
+def reference_only(ctx) -> bool:
+    """True where the public ops run the PyTorch reference (the `eager` code itself)."""
+    return fused_path(ctx.device).startswith("PyTorch")
 
 
 def _ms(rows, op, provider, n):
@@ -222,7 +244,8 @@ def _cpu_markdown(ctx, p, rows, skipped) -> str:
     return f"""
 On this CPU the public ops run {what}, so this table times the plain-PyTorch math and its
 torch.compile at one size ({n / 2 ** 20:g}M elements, tensors ({n // p['d']}, {p['d']}), fp32 states, bf16 f,
-scalar coefficients; median and p20-p80 of {p['reps']} calls after {p['warmup']}). It makes no bandwidth
+scalar coefficients; every (op, provider) and the copy timed interleaved, {p['rounds']} rounds of
+{p['per_round']} calls after {p['warmup']} warm-up calls; median and p20-p80 over the rounds). It makes no bandwidth
 claim: the fused kernels are GPU code. For scale, a torch copy_ of {n / 2 ** 20:g}M fp32 elements takes
 {_ms_cell(copy)} ms here.
 

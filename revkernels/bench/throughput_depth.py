@@ -21,7 +21,7 @@ from matplotlib.ticker import ScalarFormatter
 
 from ..models import ARCHS, GPTConfig
 from ._probe import TrainStep, run_probe
-from .common import MIB, append_csv, figure, markdown_table, progress, quantiles, read_csv, time_ms, \
+from .common import MIB, append_csv, figure, interleaved_ms, markdown_table, progress, quantiles, read_csv, \
     write_csv, write_report
 from .max_batch import Prober, search_bounds, search_max_batch, usable_budgets
 
@@ -75,19 +75,6 @@ def time_max_batch(ctx, p, arch, n_layers, budget, batch, capped) -> dict:
     return row
 
 
-def interleaved_ms(steps: dict, device, warmup: int, rounds: int, per_round: int) -> dict:
-    """{name: [median ms of `per_round` calls, one per round]}: every callable warmed up, then timed
-    round by round, the order reversed every other round."""
-    for fn in steps.values():
-        for _ in range(warmup):
-            fn()
-    names, times = list(steps), {k: [] for k in steps}
-    for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            times[name].append(time_ms(steps[name], device, 0, per_round)[0])
-    return times
-
-
 def time_common_batch(ctx, p, n_layers) -> list:
     """Rows of every arch at the common batch and depth `n_layers`, timed interleaved in this process."""
     gpu = ctx.device.type == "cuda"
@@ -107,7 +94,10 @@ def time_common_batch(ctx, p, n_layers) -> list:
         rows.append(row)
     del steps
     if gpu:
+        import gc
+
         import torch
+        gc.collect()
         torch.cuda.empty_cache()
     return rows
 
