@@ -250,3 +250,28 @@ def test_gpu_preset_without_cuda_is_an_input_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["kernels", "--preset", "gpu"])
     assert exit_info.value.code == 2 and "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_gpu_max_batch_from_two_small_probes_steps_down_on_oom(tmp_path, monkeypatch):
+    """throughput-depth's GPU max batch (exercised on the CPU with fake probes): probes at 1/8 and 1/4
+    of the model's batch, the line through their memory meets the budget, an OOM at the timed run
+    steps the batch down by `tol`."""
+    probed = []
+
+    def fake_probe(spec, isolate, ctx=None):
+        probed.append(spec["batch"])
+        return dict(ok=True, oom=False, memory_bytes=1000 + 10 * spec["batch"], memory_kind="fake", state_bytes=0,
+                    error=None)
+
+    def fake_timing(ctx, p, arch, L, budget, batch, capped):
+        ok = batch <= 98
+        return dict(arch=arch, n_layers=L, batch=batch, step_ms=1.0 if ok else None, error=None if ok else "OOM")
+
+    monkeypatch.setattr(max_batch, "run_probe", fake_probe)
+    monkeypatch.setattr(throughput_depth, "time_max_batch", fake_timing)
+    ctx = Context("throughput-depth", "tiny", tmp_path)
+    cfg = dict(vocab_size=64, seq_len=16, d_model=32, n_heads=2, n_layers=1, arch="midpoint", loss_chunk_tokens=16)
+    prober = max_batch.Prober(ctx, tmp_path / "probes.csv", cfg, ("2000 B", 2000), isolate=False)
+    p = dict(throughput_depth.PRESETS["tiny"], tol=0.02)
+    row = throughput_depth._extrapolated_row(ctx, p, "midpoint", 1, ("2000 B", 2000), prober, 100, cap=4096)
+    assert probed == [12, 25] and row["batch"] == 98 and row["step_ms"] == 1.0

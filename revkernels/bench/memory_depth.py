@@ -14,11 +14,8 @@ from ._probe import run_probe
 from .common import append_csv, figure, markdown_table, mib, progress, read_csv, write_csv, write_report
 
 PRESETS = {
-    # gpu: leapfrog and midpoint_a run midpoint's scheduler with other coefficients (the same memory;
-    # the cpu preset shows it), so the GPU plan spends its minutes on the four distinct bodies
     "gpu": dict(shape=dict(vocab_size=50304, seq_len=1024, d_model=768, n_heads=12), batch=8,
-                depths=(16, 32, 64, 96), loss_chunk_tokens=4096,
-                archs=("baseline", "checkpoint", "midpoint", "hamiltonian")),
+                depths=(16, 32, 64, 96), loss_chunk_tokens=4096, archs=ARCHS),
     "cpu": dict(shape=dict(vocab_size=256, seq_len=64, d_model=64, n_heads=4), batch=4,
                 depths=(2, 4, 8, 16, 32), loss_chunk_tokens=128, archs=ARCHS),
     "tiny": dict(shape=dict(vocab_size=64, seq_len=16, d_model=32, n_heads=2), batch=2,

@@ -119,15 +119,23 @@ def gpu_plan() -> list:
     from .memory_depth import PRESETS as MD
     from .throughput_depth import PRESETS as TD
     td = TD["gpu"]
-    chunks = [("kernels", "kernels: fused ops vs eager / compile, and the device's copy bandwidth", _kernels_s(), {}),
-              ("drift", "drift: reconstruction and gradient error on CUDA", _drift_s(DR["gpu"]["depths"]), {}),
-              ("memory-depth", "memory-depth: to L=96", _memory_depth_s(MD["gpu"]["archs"], MD["gpu"]["depths"]), {}),
-              ("max-batch", "max-batch: GPT-2 small, T=1024, 24/40/48/80 GB",
-               _max_batch_s(MB["gpu"]["archs"], MB["gpu"]["budgets"]), {})]
-    for depths in (td["depths"][:2], td["depths"][2:]):
-        chunks.append(("throughput-depth", f"throughput-depth: L={'/'.join(map(str, depths))} at the max batch "
-                       f"and at batch {td['common_batch']}", _throughput_s(depths), {"n_layers": depths}))
-    chunks.append(("quality", "quality: five archs on the standard library, retrofit of the trained baseline",
+    def depths(ds):
+        return "L=" + "/".join(map(str, ds))
+
+    md, mb = MD["gpu"], MB["gpu"]
+    chunks = [("kernels", "kernels: 5 fused ops x eager / compile at 1M-256M elements, copy bandwidth", _kernels_s(),
+               {}),
+              ("drift", f"drift: 4 schemes, fp32 / bf16 blocks, GPT-2 small width, {depths(DR['gpu']['depths'])}",
+               _drift_s(DR["gpu"]["depths"]), {}),
+              ("memory-depth", f"memory-depth: {len(md['archs'])} archs, GPT-2 small width, batch {md['batch']}, "
+               f"{depths(md['depths'])}", _memory_depth_s(md["archs"], md["depths"]), {}),
+              ("max-batch", f"max-batch: {', '.join(mb['archs'])}; GPT-2 small, T=1024; 24/40/48/80 GB",
+               _max_batch_s(mb["archs"], mb["budgets"]), {})]
+    for ds in (td["depths"][:2], td["depths"][2:]):
+        chunks.append(("throughput-depth", f"throughput-depth: d=512, {depths(ds)}; {' and '.join(td['max_archs'])} "
+                       f"at max batch, +checkpoint at batch {td['common_batch']}", _throughput_s(ds),
+                       {"n_layers": ds}))
+    chunks.append(("quality", "quality: 5 archs, d=768 L=12 on bytes; retrofit of the trained baseline",
                    _quality_s(), {}))
     return [Chunk(i, name, title, est, only) for i, (name, title, est, only) in enumerate(chunks, 1)]
 
