@@ -1,9 +1,9 @@
 # `make test` and `make bench` do their own set-up (scripts/setup_env.sh) on a fresh machine.
 PY := .venv/bin/python
 PRESET ?=
-OUT ?= bench-out
+OUT ?=
 
-.PHONY: setup test bench clean
+.PHONY: setup test bench bench-plan clean
 
 setup:
 	bash scripts/setup_env.sh
@@ -13,8 +13,17 @@ test: setup
 	TRITON_INTERPRET=$${TRITON_INTERPRET-$$($(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)")} \
 	  $(PY) -m pytest -q tests
 
+# CPU (the default without CUDA): every benchmark at small shapes, one intra-op thread, about 5 minutes
+# on an idle 2-core machine (under 10 when shared), into bench-out/.
+# With CUDA (or PRESET=gpu): the GPU plan's chunks not yet done, device-tagged files in plots/
+# (see `make bench-plan`). OUT=DIR writes elsewhere.
 bench: setup
-	$(PY) -m revkernels.bench all $(if $(PRESET),--preset $(PRESET)) --out $(OUT)
+	$(PY) -m revkernels.bench all $(if $(PRESET),--preset $(PRESET)) $(if $(OUT),--out $(OUT))
+
+# The GPU plan's chunks and their estimated GPU minutes (no GPU needed); run one with
+# `.venv/bin/python -m revkernels.bench all --preset gpu --chunk N`.
+bench-plan: setup
+	$(PY) -m revkernels.bench plan
 
 clean:
-	rm -rf .venv $(OUT) .pytest_cache
+	rm -rf .venv bench-out $(OUT) .pytest_cache

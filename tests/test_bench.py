@@ -1,16 +1,20 @@
 """Benchmark suite: the fused ops as pytest-benchmark tests (CI runs each once, untimed, as a
-correctness smoke test), the max-batch search and its resumable log, and every benchmark's code
-path end to end on the `tiny` preset."""
+correctness smoke test), the max-batch search and its resumable log, every benchmark's code path end
+to end on the `tiny` preset, the quality benchmark's rows, the GPU plan's chunk estimates and the
+command line's help and input errors."""
 import csv
+import math
 import os
+from time import monotonic
 
 import pytest
 import torch
 
-from revkernels.bench import kernels, max_batch
-from revkernels.bench.__main__ import BENCHMARKS, main
+from revkernels.bench import cost_model, kernels, max_batch, plan, quality, throughput_depth
+from revkernels.bench.__main__ import BENCHMARKS, build_parser, main
 from revkernels.bench._probe import measure, run_probe
-from revkernels.bench.common import Context, markdown_table, read_csv
+from revkernels.bench.common import ChunkTimeUp, Context, markdown_table, read_csv
+from revkernels.bench.corpus import Batches, file_corpus
 
 TINY_CFG = dict(vocab_size=32, seq_len=8, d_model=16, n_heads=2, n_layers=2, arch="midpoint", loss_chunk_tokens=8)
 # One thread: tiny shapes are dominated by OpenMP synchronisation, badly so on a loaded CI machine.
@@ -101,7 +105,7 @@ def test_markdown_table():
     assert markdown_table(["a", "b"], [[1, "x"]]) == "| a | b |\n|---|---|\n| 1 | x |"
 
 
-@pytest.mark.parametrize("name", list(BENCHMARKS))
+@pytest.mark.parametrize("name", [n for n in BENCHMARKS if n != "quality"])   # quality: its own test below
 def test_cli_writes_csv_png_md(name, tmp_path, capsys, restore_threads):
     assert main([name, *TINY, "--out", str(tmp_path)]) == 0
     md = (tmp_path / f"{name}.md").read_text()
@@ -125,3 +129,149 @@ def test_max_batch_resumes_from_its_log(tmp_path, monkeypatch, restore_threads):
     monkeypatch.setattr(max_batch, "run_probe", no_probe)
     main(["max-batch", *TINY, "--out", str(tmp_path)])
     assert read_csv(tmp_path / "max-batch.csv") == log
+
+
+def test_quality_trains_every_arch_and_retrofits_the_baseline(tmp_path, capsys, restore_threads):
+    """The tiny preset end to end on the default corpus (the standard library's sources): a row per
+    arch and per retrofit iteration count, finite losses, every trained arch's validation loss falling."""
+    assert main(["quality", *TINY, "--out", str(tmp_path)]) == 0
+    rows = read_csv(tmp_path / "quality.csv")
+    assert set(quality.COLUMNS) <= set(rows[0]) and {"arch", "step", "train_loss", "val_loss", "tokens",
+                                                      "seconds"} <= set(rows[0])
+    retrofits = [f"retrofit-it{k}" for k in quality.RETROFIT_ITERATIONS]
+    assert {r["arch"] for r in rows} == set(quality.ARCHS) | set(retrofits)
+    for arch in quality.ARCHS:
+        rs = [r for r in rows if r["arch"] == arch]
+        losses = [float(r["val_loss"]) for r in rs]
+        assert all(math.isfinite(x) for x in losses + [float(r["train_loss"]) for r in rs])
+        assert losses[-1] < losses[0] - 0.5            # from ln(256) = 5.5 nats per byte at init
+        assert int(rs[-1]["tokens"]) == quality.PRESETS["tiny"]["steps"] * 8 * 32
+    for arch in retrofits:
+        rs = [r for r in rows if r["arch"] == arch]
+        assert len(rs) >= 2 and int(rs[0]["step"]) == 0
+        for r in rs:
+            assert math.isfinite(float(r["val_loss"])) and 0 <= float(r["val_kl"]) < 1
+    md = (tmp_path / "quality.md").read_text()
+    assert "Table 1" in md and "sha256" in md and "**retrofit-it2**" in md
+    assert (tmp_path / "quality.png").stat().st_size > 1000
+
+
+def test_corpus_from_a_file_splits_and_batches_deterministically(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_bytes(bytes(range(256)) * 8)
+    corpus = file_corpus(path)
+    assert len(corpus.train) + len(corpus.val) == 2048 and len(corpus.val) == 205
+    a, b = (Batches(corpus, 16, 4, 3, 2, seed=0, device="cpu") for _ in range(2))
+    for i in range(3):
+        (xa, ya), (xb, yb) = a.train(i), b.train(i)
+        assert torch.equal(xa, xb) and torch.equal(ya[:, :-1], xa[:, 1:])
+    with pytest.raises(ValueError, match="fewer than seq_len"):
+        Batches(corpus, 300, 4, 3, 2, seed=0, device="cpu")
+
+
+def test_gpu_plan_chunks_fit_the_gpu_window(capsys):
+    chunks = plan.gpu_plan()
+    assert [c.number for c in chunks] == list(range(1, len(chunks) + 1))
+    assert all(0 < c.estimate_s < 9 * 60 for c in chunks) and plan.CHUNK_LIMIT_S < 9 * 60
+    assert sum(c.estimate_s for c in chunks) < 25 * 60
+    covered = {c.benchmark for c in chunks}
+    assert {"kernels", "memory-depth", "max-batch", "throughput-depth", "drift"} <= covered
+    assert main(["plan", "--preset", "gpu", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    minutes = [float(line.split("|")[-2]) for line in out.splitlines() if line.startswith("| ") and
+               line.split("|")[1].strip().isdigit()]
+    assert len(minutes) == len(chunks) and all(m < 9 for m in minutes) and sum(minutes) < 25
+
+
+def test_cost_model_bounds_batches_sensibly():
+    gpt2 = dict(max_batch.GPT2_SMALL, loss_chunk_tokens=4096)
+    base, rev = (cost_model.max_batch(dict(gpt2, arch=a), 80e9) for a in ("baseline", "midpoint"))
+    assert 0 < base < rev and cost_model.max_batch(dict(gpt2, arch="baseline"), 40e9) < base
+    assert cost_model.step_s(dict(gpt2, arch="midpoint"), 8) > cost_model.step_s(dict(gpt2, arch="baseline"), 8)
+
+
+def test_chunk_stops_at_its_deadline_and_is_logged(tmp_path):
+    ctx = Context("kernels", "tiny", tmp_path, deadline=monotonic() - 1)
+    with pytest.raises(ChunkTimeUp):
+        ctx.check_time("anything")
+    assert Context("x", "tiny", tmp_path, only={"n_layers": (2,)}).selected(n_layers=2, arch="midpoint")
+    assert not Context("x", "tiny", tmp_path, only={"n_layers": (2,)}).selected(n_layers=1)
+
+    def run_benchmark(ctx):
+        ctx.check_time("the first point")
+        return "never"
+
+    def make_context(name, only=None, deadline=None):
+        return Context(name, "tiny", tmp_path, only=only, deadline=monotonic() - 1)
+
+    chunk = plan.Chunk(1, "kernels", "test chunk", 1.0)
+    log = tmp_path / "plan.csv"
+    assert not plan.run_chunk(chunk, make_context, run_benchmark, log, deadline=True)
+    assert read_csv(log)[0]["status"] == "stopped" and plan.done_chunks(log, make_context("x").device_name) == set()
+
+
+def test_throughput_depth_runs_the_selected_depths_and_resumes(tmp_path, restore_threads):
+    torch.set_num_threads(1)
+    ctx = Context("throughput-depth", "tiny", tmp_path, only={"n_layers": (1,)})
+    md = throughput_depth.run(ctx)
+    assert "not run yet" in md
+    assert {r["n_layers"] for r in read_csv(ctx.path("csv"))} == {"1"}
+    md = throughput_depth.run(Context("throughput-depth", "tiny", tmp_path, only={"n_layers": (2,)}))
+    rows = read_csv(ctx.path("csv"))
+    assert "not run yet" not in md and {r["n_layers"] for r in rows} == {"1", "2"}
+    common = [r for r in rows if r["batch_kind"] == throughput_depth.COMMON and r["arch"] == "baseline"]
+    assert all(float(r["vs_baseline"]) == 1.0 for r in common)
+
+
+def test_help_describes_every_option_with_its_default():
+    parser = build_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert "default" in formatter._get_help_string(action), action.dest
+    assert "plan" in parser.format_help() and "quality" in parser.format_help()
+
+
+@pytest.mark.parametrize("argv", [["nope"], ["quality", "--data", "/no/such/file"], ["kernels", "--threads", "0"],
+                                  ["all", "--preset", "gpu", "--chunk", "99"], ["kernels", "--dry-run"],
+                                  ["all", "--preset", "cpu", "--chunk", "1"], ["quality", "--data", "SHORT"]])
+def test_cli_input_errors_exit_with_one_line(argv, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(short) if a == "SHORT" else a for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "error:" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
+def test_gpu_preset_without_cuda_is_an_input_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["kernels", "--preset", "gpu"])
+    assert exit_info.value.code == 2 and "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_gpu_max_batch_from_two_small_probes_steps_down_on_oom(tmp_path, monkeypatch):
+    """throughput-depth's GPU max batch (exercised on the CPU with fake probes): probes at 1/8 and 1/4
+    of the model's batch, the line through their memory meets the budget, an OOM at the timed run
+    steps the batch down by `tol`."""
+    probed = []
+
+    def fake_probe(spec, isolate, ctx=None):
+        probed.append(spec["batch"])
+        return dict(ok=True, oom=False, memory_bytes=1000 + 10 * spec["batch"], memory_kind="fake", state_bytes=0,
+                    error=None)
+
+    def fake_timing(ctx, p, arch, L, budget, batch, capped):
+        ok = batch <= 98
+        return dict(arch=arch, n_layers=L, batch=batch, step_ms=1.0 if ok else None, error=None if ok else "OOM")
+
+    monkeypatch.setattr(max_batch, "run_probe", fake_probe)
+    monkeypatch.setattr(throughput_depth, "time_max_batch", fake_timing)
+    ctx = Context("throughput-depth", "tiny", tmp_path)
+    cfg = dict(vocab_size=64, seq_len=16, d_model=32, n_heads=2, n_layers=1, arch="midpoint", loss_chunk_tokens=16)
+    prober = max_batch.Prober(ctx, tmp_path / "probes.csv", cfg, ("2000 B", 2000), isolate=False)
+    p = dict(throughput_depth.PRESETS["tiny"], tol=0.02)
+    row = throughput_depth._extrapolated_row(ctx, p, "midpoint", 1, ("2000 B", 2000), prober, 100, cap=4096)
+    assert probed == [12, 25] and row["batch"] == 98 and row["step_ms"] == 1.0

@@ -1,37 +1,14 @@
-"""Benchmark suite command line.
-
-    python -m revkernels.bench NAME [--preset cpu|gpu] [--out DIR] [--tag-device] [--threads N]
-
-NAME: kernels, memory-depth, throughput-depth, max-batch, drift, stability, or all (every one, in
-that order). Each benchmark writes DIR/NAME.csv, DIR/NAME.png and DIR/NAME.md (a markdown table
-naming the device and preset, with the paper's figures beside ours where the paper has them) and
-prints the markdown. max-batch and throughput-depth append each probe or timing to their CSV as it
-finishes and resume from it when rerun; throughput-depth keeps its max-batch probes in
-DIR/throughput-depth-probes.csv. Delete a CSV to start that sweep over.
-
-File names. --tag-device appends the device tag to every file name, DIR/NAME-<device>.EXT, where
-<device> is `cpu` or the CUDA device name with runs of other characters replaced by `_`
-(kernels-NVIDIA_H100_80GB_HBM3.csv). The committed results in plots/ are written that way
-(`python -m revkernels.bench all --preset cpu --out plots --tag-device`), and the scripts in
-benchmarks/ default to `--out plots --tag-device`; `make bench` writes untagged files to bench-out/.
-
-Presets. gpu (the default when CUDA is available): the paper's shapes, on the current CUDA device.
-cpu (the default otherwise): small shapes run on the CPU in well under 15 minutes on 2 cores; the
-fused ops take the PyTorch reference path (no Triton interpreter), and every table and plot says
-CPU. tiny (not listed in --help): seconds-long shapes for the test suite.
-
---threads N sets torch's intra-op CPU threads (and OMP_NUM_THREADS for probe processes); on a
-loaded machine one thread times small CPU shapes far more steadily than two.
-"""
+"""Benchmark suite command line: `python -m revkernels.bench NAME [options]` (see --help)."""
 import argparse
 import gc
 import importlib
 import os
 import sys
+from pathlib import Path
 
 import torch
 
-from .common import PRESETS, Context, default_preset
+from .common import Context, default_preset
 
 BENCHMARKS = {
     "kernels": "kernels",
@@ -40,42 +17,175 @@ BENCHMARKS = {
     "max-batch": "max_batch",
     "drift": "drift",
     "stability": "stability",
+    "quality": "quality",
 }
+DESCRIPTION = """\
+Benchmarks of revkernels. Each writes OUT/NAME.csv, OUT/NAME.png and OUT/NAME.md (a markdown report
+naming the device and preset, with the targets and the paper's figures beside the measured ones) and
+prints the markdown.
+
+NAME is one benchmark, `all` (every one in turn; on the gpu preset, the GPU plan's chunks), or `plan`
+(print the GPU plan's chunks with their estimated GPU minutes and, where a GPU is present, which are
+done; it runs nothing).
+
+  kernels           fused ops against PyTorch eager and torch.compile (GPU: GB/s vs copy bandwidth)
+  memory-depth      activation memory of a training step against depth, every arch
+  throughput-depth  step time against depth: at each arch's max batch (GPU) and at one common batch
+  max-batch         the largest batch that trains under each memory budget
+  drift             reconstruction and gradient error of the reversible backward against depth
+  stability         linear stability regions of the schemes (closed form)
+  quality           five archs trained on real text, then the retrofit of the trained baseline
+
+Presets: cpu (small shapes; `make bench` runs them all in about 5 minutes on 2 cores) and gpu (the
+paper's shapes on the current CUDA device, as a plan of resumable chunks of under 9 minutes:
+`plan` lists them, `all --chunk N` runs one, `all` runs every chunk not yet done). Sweeps append
+each finished point to their CSV and a rerun resumes from it; delete a CSV to start it over.
+"""
 
 
-def run_one(name: str, preset: str, out, tag_device: bool) -> str:
-    """Run benchmark `name`, write its files, and return its markdown."""
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows '(default: X)' after every option whose default is not None (those say it in words)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Input errors as one line on stderr and exit status 2, no usage dump, no traceback."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="python -m revkernels.bench", description=DESCRIPTION, formatter_class=_HelpFormatter)
+    ap.add_argument("name", choices=list(BENCHMARKS) + ["all", "plan"], metavar="NAME",
+                    help="the benchmark to run: " + ", ".join(list(BENCHMARKS) + ["all", "plan"]))
+    ap.add_argument("--preset", choices=("cpu", "gpu", "tiny"), default=None, metavar="{cpu,gpu}",
+                    help="shapes and device (default: gpu when CUDA is available, else cpu; `plan`: gpu)")
+    ap.add_argument("--out", default=None, metavar="DIR",
+                    help="output directory (default: plots/ for the gpu preset, else bench-out/)")
+    ap.add_argument("--tag-device", action="store_true",
+                    help="append the device tag to the file names, NAME-<device>.csv (`cpu` or the CUDA device "
+                         "name, e.g. NVIDIA_H100_80GB_HBM3); always on for the gpu preset (default: off)")
+    ap.add_argument("--threads", type=int, default=None, metavar="N",
+                    help="CPU intra-op threads for torch and OMP_NUM_THREADS of probe processes (default: 1 on "
+                         "the cpu preset, where small shapes on shared cores thrash with more; else torch's)")
+    ap.add_argument("--data", default=None, metavar="FILE",
+                    help="quality: train on the bytes of this text file, the last 10%% held out (default: the "
+                         "running Python's standard-library sources, split by file)")
+    ap.add_argument("--chunk", type=int, default=None, metavar="N",
+                    help="with `all --preset gpu`: run only chunk N of the GPU plan (see `plan`), stopping "
+                         "at its 8.5-minute limit; rerun to resume (default: every chunk not yet done)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="with `all` or `plan`: print the GPU plan's chunks and estimated GPU minutes, run "
+                         "nothing (works without a GPU) (default: off)")
+    return ap
+
+
+def parse_args(argv=None):
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.name == "plan":
+        args.preset = args.preset or "gpu"
+        args.dry_run = True
+    args.preset = args.preset or default_preset()
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be >= 1, got {args.threads}")
+    if args.dry_run and args.name not in ("all", "plan"):
+        ap.error("--dry-run goes with `all` or `plan`")
+    if (args.dry_run or args.chunk is not None) and args.preset != "gpu":
+        ap.error("the chunked plan (--chunk, --dry-run, plan) exists for --preset gpu only")
+    if args.chunk is not None:
+        from .plan import gpu_plan
+        n = len(gpu_plan())
+        if args.name != "all":
+            ap.error("--chunk goes with `all`")
+        if not 1 <= args.chunk <= n:
+            ap.error(f"--chunk must be between 1 and {n}, got {args.chunk}")
+    if args.preset == "gpu" and not args.dry_run and not torch.cuda.is_available():
+        ap.error("--preset gpu needs a CUDA device (none is available); use --preset cpu, or `plan` / --dry-run "
+                 "to see the GPU plan")
+    if args.data is not None:
+        _check_data(ap, args)
+    if args.out is None:
+        args.out = "plots" if args.preset == "gpu" else "bench-out"
+    args.tag_device = args.tag_device or args.preset == "gpu"
+    return args
+
+
+def _check_data(ap, args):
+    from .quality import PRESETS
+    from .corpus import VAL_FRACTION
+    path = Path(args.data)
+    if not path.is_file():
+        ap.error(f"--data {args.data}: no such file")
+    need = int((PRESETS[args.preset]["model"]["seq_len"] + 2) / VAL_FRACTION) + 1
+    try:
+        size = path.stat().st_size
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        ap.error(f"--data {args.data}: cannot read it ({err.strerror})")
+    if size < need:
+        ap.error(f"--data {args.data}: {size} bytes, too short for the {args.preset} preset (needs >= {need})")
+
+
+def run_one(name: str, ctx: Context) -> str:
+    """Run benchmark `name` in `ctx`, write its files, and return its markdown."""
     module = importlib.import_module(f"revkernels.bench.{BENCHMARKS[name]}")
     try:
-        return module.run(Context(name, preset, out, tag_device))
+        return module.run(ctx)
     finally:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()   # probes in fresh processes must find the GPU empty
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m revkernels.bench",
-                                 description="Benchmarks of revkernels (see the module docstring).")
-    ap.add_argument("name", choices=list(BENCHMARKS) + ["all"])
-    ap.add_argument("--preset", choices=PRESETS, metavar="{cpu,gpu}", default=None,
-                    help="shapes and device (default: gpu when CUDA is available, else cpu)")
-    ap.add_argument("--out", default="bench-out", help="output directory (default: bench-out)")
-    ap.add_argument("--tag-device", action="store_true",
-                    help="append the device tag to the file names: NAME-<device>.csv")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    return ap.parse_args(argv)
+def _run_plan(args) -> int:
+    from . import plan
+    chunks = plan.gpu_plan()
+    ctx = Context("plan", "gpu", args.out, True)
+    log = ctx.path("csv")
+    done = plan.done_chunks(log, ctx.device_name)
+    todo = [c for c in chunks if args.chunk in (None, c.number) and (args.chunk or c.number not in done)]
+
+    def make_context(name, only=None, deadline=None):
+        return Context(name, "gpu", args.out, True, args.data, only, deadline)
+
+    finished = True
+    for chunk in todo:
+        print(f"== chunk {chunk.number}/{len(chunks)}: {chunk.title} (estimated "
+              f"{plan.cm.minutes(chunk.estimate_s):.1f} GPU min)", flush=True)
+        finished &= plan.run_chunk(chunk, make_context, lambda ctx: run_one(ctx.name, ctx), log,
+                                   deadline=args.chunk is not None)
+    if not todo:
+        print(f"every chunk of the GPU plan is done on this device ({log}); delete it to run the plan again")
+    return 0 if finished else 3
 
 
 def main(argv=None):
     args = parse_args(argv)
-    preset = args.preset or default_preset()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    threads = args.threads or (1 if args.preset != "gpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    if args.dry_run:
+        from .plan import done_chunks, gpu_plan, plan_table
+        done = None
+        if args.name == "plan" and torch.cuda.is_available():
+            ctx = Context("plan", "gpu", args.out, True)
+            done = done_chunks(ctx.path("csv"), ctx.device_name)
+        print(plan_table(gpu_plan(), done))
+        return 0
+    if args.name == "all" and args.preset == "gpu":
+        return _run_plan(args)
     names = list(BENCHMARKS) if args.name == "all" else [args.name]
     for name in names:
-        print(run_one(name, preset, args.out, args.tag_device), flush=True)
+        ctx = Context(name, args.preset, args.out, args.tag_device, args.data)
+        print(run_one(name, ctx), flush=True)
     return 0
 
 

@@ -27,9 +27,10 @@ import torch
 
 from ..memory import saved_tensor_bytes
 from ..models import GPT, GPTConfig
-from .common import time_ms
+from .common import ChunkTimeUp, time_ms
 
-PROBE_TIMEOUT_S = 3600
+# A probe never outlives a GPU plan chunk (< 9 minutes); within a chunk the chunk's remaining time caps it.
+PROBE_TIMEOUT_S = 480
 
 
 class TrainStep:
@@ -115,15 +116,23 @@ def measure(spec: dict) -> dict:
     return result
 
 
-def run_probe(spec: dict, isolate: bool) -> dict:
-    """measure(spec), in a fresh `python -m revkernels.bench._probe` process when `isolate`."""
+def run_probe(spec: dict, isolate: bool, ctx=None) -> dict:
+    """measure(spec), in a fresh `python -m revkernels.bench._probe` process when `isolate`, killed after
+    PROBE_TIMEOUT_S or the time left to `ctx`'s chunk (ChunkTimeUp: the rerun resumes)."""
+    if ctx is not None:
+        ctx.check_time(f"probe {spec['cfg'].get('arch')} L={spec['cfg'].get('n_layers')} batch {spec['batch']}")
     if not isolate:
         return measure(spec)
+    left = ctx.remaining_s() if ctx is not None else None
+    timeout = PROBE_TIMEOUT_S if left is None else max(1.0, min(PROBE_TIMEOUT_S, left))
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])      # the directory holding `revkernels`
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, "-m", "revkernels.bench._probe", json.dumps(spec)],
-                          capture_output=True, text=True, env=env, timeout=PROBE_TIMEOUT_S)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "revkernels.bench._probe", json.dumps(spec)],
+                              capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ChunkTimeUp(f"probe {spec['cfg'].get('arch')} batch {spec['batch']} ran past {timeout:.0f} s") from None
     lines = proc.stdout.strip().splitlines()
     if proc.returncode == -9:                            # SIGKILL: the kernel's OOM killer, most likely
         return dict(ok=False, oom=True, error="probe killed by SIGKILL (host out of memory?)")

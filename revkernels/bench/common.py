@@ -9,7 +9,8 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from time import perf_counter
+from typing import Optional
+from time import monotonic, perf_counter
 
 import numpy as np
 import torch
@@ -49,7 +50,8 @@ def device_name(device: torch.device) -> str:
     """Human-readable device, e.g. 'NVIDIA H100 80GB HBM3' or 'CPU: <model>, 2 threads'."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU: {_cpu_model()}, {torch.get_num_threads()} threads"
+    n = torch.get_num_threads()
+    return f"CPU: {_cpu_model()}, {n} thread{'s' if n > 1 else ''}"
 
 
 def device_tag(device: torch.device) -> str:
@@ -67,6 +69,9 @@ class Context:
     preset: str
     out: Path
     tag_device: bool = False
+    data: Optional[str] = None      # quality: a text file to train on (None: the standard library's sources)
+    only: Optional[dict] = None     # run only the tasks whose fields take these values (a GPU plan chunk)
+    deadline: Optional[float] = None  # time.monotonic() by which a chunk must stop (None: no limit)
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -83,6 +88,24 @@ class Context:
     @property
     def is_cpu(self) -> bool:
         return self.device.type == "cpu"
+
+    def selected(self, **fields) -> bool:
+        """Whether a task with these fields belongs to this run (every task without `only`)."""
+        only = self.only or {}
+        return all(v in only[k] for k, v in fields.items() if k in only)
+
+    def remaining_s(self) -> Optional[float]:
+        return None if self.deadline is None else self.deadline - monotonic()
+
+    def check_time(self, what: str):
+        """Raise ChunkTimeUp before starting `what` when the chunk's time is spent."""
+        left = self.remaining_s()
+        if left is not None and left <= 0:
+            raise ChunkTimeUp(f"time limit reached before {what}")
+
+
+class ChunkTimeUp(Exception):
+    """A plan chunk ran out of its time; every finished row is on disk and a rerun resumes."""
 
 
 def progress(iterable, desc: str, total=None):
@@ -121,6 +144,20 @@ def time_ms(fn, device: torch.device, warmup: int, reps: int) -> tuple:
         fn()
         ms.append((perf_counter() - t0) * 1e3)
     return quantiles(ms)
+
+
+def interleaved_ms(fns: dict, device: torch.device, warmup: int, rounds: int, per_round: int) -> dict:
+    """{name: [median ms of `per_round` calls, one per round]}: every callable warmed up, then timed
+    round by round, the order reversed every other round, so a load change on a shared machine (or
+    the allocator adapting) hits every callable alike instead of whichever ran first."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    names, times = list(fns), {k: [] for k in fns}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            times[name].append(time_ms(fns[name], device, 0, per_round)[0])
+    return times
 
 
 # ---------------------------------------------------------------- CSV

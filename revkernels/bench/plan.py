@@ -1,0 +1,175 @@
+"""The GPU plan: `python -m revkernels.bench all --preset gpu` as resumable chunks of under 9 minutes.
+
+Each chunk runs one benchmark of the gpu preset, or the part of it named by `only` (some depths, archs
+or budgets); the benchmarks append every finished point to their device-tagged CSV in plots/ and skip
+what is there, so a chunk stopped at its time limit (or a lost machine) resumes where it stopped.
+`--chunk N` runs chunk N alone under a CHUNK_LIMIT_S deadline (probes are killed when it passes, the
+chunk stops with everything finished on disk; run it again to go on), so a GPU window of 10-minute
+commands can run the plan one chunk per command. Without `--chunk`, every chunk not yet done runs in
+turn with no deadline. Finished chunks are recorded in plots/plan-<device>.csv.
+
+Estimates come from revkernels.bench.cost_model (H100 SXM: 989 TFLOP/s bf16 dense at an assumed 35%
+MFU, 3.35 TB/s; process start, CPU-side model build and torch.compile times as stated there).
+"""
+from dataclasses import dataclass, field
+from time import monotonic, perf_counter, strftime
+
+from . import cost_model as cm
+from .common import append_csv, markdown_table, read_csv
+
+CHUNK_LIMIT_S = 510                  # 8.5 minutes: a chunk's deadline (a GPU command may run 10)
+TOTAL_LIMIT_S = 25 * 60
+LOG_COLUMNS = ("chunk", "title", "status", "seconds", "estimate_s", "device", "finished")
+
+
+@dataclass
+class Chunk:
+    number: int
+    benchmark: str
+    title: str
+    estimate_s: float
+    only: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ estimates per benchmark
+
+def _kernels_s():
+    from .kernels import OPS, PRESETS
+    p = PRESETS["gpu"]
+    n_sizes = len(p["sizes"])
+    compiles = len(OPS) * n_sizes * cm.COMPILE_S + len(OPS) * cm.COMPILE_S      # torch.compile, Triton JIT
+    timings = n_sizes * (len(OPS) * 3 + 1) * 0.25                                 # do_bench: ~25 + 100 ms each
+    return cm.PROCESS_START_S + compiles + timings
+
+
+def _drift_s(depths):
+    from .drift import DTYPES, PRESETS, SCHEMES
+    p = PRESETS["gpu"]
+    total = cm.PROCESS_START_S
+    for L in depths:
+        cfg = dict(p["shape"], n_layers=L, arch="midpoint", loss_chunk_tokens=p["loss_chunk_tokens"])
+        n = sum(cm.n_params(cfg).values())
+        # build on the CPU, then 2 forward passes (round trip) + 2 training steps (gradient check)
+        total += len(SCHEMES) * len(DTYPES) * (n / cm.CPU_INIT_PARAMS_PER_S + 3 * cm.step_s(cfg, p["batch"]))
+    return total
+
+
+def _memory_depth_s(archs, depths):
+    from .memory_depth import PRESETS
+    p = PRESETS["gpu"]
+    return sum(cm.probe_s(dict(p["shape"], n_layers=L, arch=a, loss_chunk_tokens=p["loss_chunk_tokens"]),
+                          p["batch"], steps=2) for a in archs for L in depths)
+
+
+def _max_batch_s(archs, budgets):
+    from .max_batch import PRESETS
+    p = PRESETS["gpu"]
+    total = 0.0
+    for a in archs:
+        cfg = dict(p["shape"], arch=a, loss_chunk_tokens=p["loss_chunk_tokens"])
+        for i, (_, b) in enumerate(sorted(budgets, key=lambda b: b[1])):
+            total += cm.search_probes(i == 0) * cm.probe_s(cfg, cm.max_batch(cfg, b), steps=2)
+    return total
+
+
+def _throughput_s(depths):
+    from .throughput_depth import PRESETS
+    p = PRESETS["gpu"]
+    total = 0.0
+    for L in depths:
+        for a in p["archs"]:
+            cfg = dict(p["shape"], n_layers=L, arch=a, loss_chunk_tokens=p["loss_chunk_tokens"])
+            if a in p["max_archs"]:                    # probes at 1/8 and 1/4 of the batch, then the timed run
+                b = min(cm.max_batch(cfg, cm.H100_MEMORY_BYTES), p["cap"])
+                total += cm.probe_s(cfg, b // 8, 2) + cm.probe_s(cfg, b // 4, 2)
+                total += cm.probe_s(cfg, b, steps=p["warmup"] + p["steps"])
+            n = sum(cm.n_params(cfg).values())         # common batch: built here, timed interleaved
+            total += n / cm.CPU_INIT_PARAMS_PER_S + (p["common_warmup"] + p["rounds"] * p["per_round"]) * \
+                cm.step_s(cfg, p["common_batch"])
+    return total
+
+
+SAMPLE_TOKEN_S = 0.01       # one batch-1 forward of a 12-layer GPT in eager mode: launch bound, ~10 ms
+
+
+def _quality_s():
+    from .quality import ARCHS, PRESETS, RETROFIT_ITERATIONS
+    p = PRESETS["gpu"]
+    total = cm.PROCESS_START_S + 5.0                   # + reading and hashing the corpus
+    n_evals = p["steps"] // p["eval_every"] + 1
+    for a in ARCHS:
+        cfg = dict(p["model"], vocab_size=256, arch=a, loss_chunk_tokens=0)
+        step = cm.step_s(cfg, p["batch"])
+        total += p["steps"] * step + n_evals * p["eval_batches"] * step / 3 + p["sample_tokens"] * SAMPLE_TOKEN_S
+    base = dict(p["model"], vocab_size=256, arch="baseline", loss_chunk_tokens=0)
+    for k in RETROFIT_ITERATIONS:
+        calls = 2 + k                                  # block calls per layer of the student: f_j, f_{j-1} k+1 times
+        step = cm.step_s(dict(base, arch="midpoint"), p["batch"]) * calls + cm.step_s(base, p["batch"]) / 3
+        n_evals = p["align_steps"] // p["align_eval_every"] + 1
+        total += p["align_steps"] * step + n_evals * p["eval_batches"] * step / 2 + p["sample_tokens"] * SAMPLE_TOKEN_S
+    return total
+
+
+# ------------------------------------------------------------------ the plan
+
+def gpu_plan() -> list:
+    """The chunks, in the order they run."""
+    from .drift import PRESETS as DR
+    from .max_batch import PRESETS as MB
+    from .memory_depth import PRESETS as MD
+    from .throughput_depth import PRESETS as TD
+    td = TD["gpu"]
+    def depths(ds):
+        return "L=" + "/".join(map(str, ds))
+
+    md, mb = MD["gpu"], MB["gpu"]
+    chunks = [("kernels", "kernels: 5 fused ops x eager / compile at 1M-256M elements, copy bandwidth", _kernels_s(),
+               {}),
+              ("drift", f"drift: 4 schemes, fp32 / bf16 blocks, GPT-2 small width, {depths(DR['gpu']['depths'])}",
+               _drift_s(DR["gpu"]["depths"]), {}),
+              ("memory-depth", f"memory-depth: {len(md['archs'])} archs, GPT-2 small width, batch {md['batch']}, "
+               f"{depths(md['depths'])}", _memory_depth_s(md["archs"], md["depths"]), {}),
+              ("max-batch", f"max-batch: {', '.join(mb['archs'])}; GPT-2 small, T=1024; 24/40/48/80 GB",
+               _max_batch_s(mb["archs"], mb["budgets"]), {})]
+    for ds in (td["depths"][:2], td["depths"][2:]):
+        chunks.append(("throughput-depth", f"throughput-depth: d=512, {depths(ds)}; {' and '.join(td['max_archs'])} "
+                       f"at max batch, +checkpoint at batch {td['common_batch']}", _throughput_s(ds),
+                       {"n_layers": ds}))
+    chunks.append(("quality", "quality: 5 archs, d=768 L=12 on bytes; retrofit of the trained baseline",
+                   _quality_s(), {}))
+    return [Chunk(i, name, title, est, only) for i, (name, title, est, only) in enumerate(chunks, 1)]
+
+
+def plan_table(chunks, done=()) -> str:
+    rows = [[c.number, c.benchmark, c.title, f"{cm.minutes(c.estimate_s):.1f}"] +
+            (["done" if c.number in done else "to do"] if done is not None else []) for c in chunks]
+    total = sum(c.estimate_s for c in chunks)
+    header = ["chunk", "benchmark", "what", "estimated GPU min"] + (["status"] if done is not None else [])
+    return (markdown_table(header, rows) + f"\n\nTotal: {cm.minutes(total):.1f} estimated GPU minutes in "
+            f"{len(chunks)} chunks (limits: each chunk < 9 min, the plan < 25 min). Estimates: H100 SXM, "
+            f"{cm.H100_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16 at {cm.MFU:.0%} MFU, {cm.H100_HBM_BYTES_PER_S / 1e12:.2f} "
+            f"TB/s; probe start-up {cm.PROCESS_START_S:.0f} s; torch.compile {cm.COMPILE_S:.0f} s per graph "
+            f"(revkernels/bench/cost_model.py).")
+
+
+def done_chunks(log_path, device_name) -> set:
+    return {int(r["chunk"]) for r in read_csv(log_path) if r["status"] == "done" and r["device"] == device_name}
+
+
+def run_chunk(chunk: Chunk, make_context, run_benchmark, log_path, deadline: bool) -> bool:
+    """Run one chunk; True when it finished, False when it stopped at its deadline (rerun to resume)."""
+    from .common import ChunkTimeUp
+    t0 = perf_counter()
+    ctx = make_context(chunk.benchmark, only=chunk.only or None,
+                       deadline=monotonic() + CHUNK_LIMIT_S if deadline else None)
+    try:
+        print(run_benchmark(ctx), flush=True)
+        status = "done"
+    except ChunkTimeUp as stop:
+        print(f"chunk {chunk.number} ({chunk.title}) stopped: {stop}. Every finished point is saved; "
+              f"run `--chunk {chunk.number}` again to resume.", flush=True)
+        status = "stopped"
+    append_csv(log_path, dict(chunk=chunk.number, title=chunk.title, status=status, seconds=perf_counter() - t0,
+                              estimate_s=chunk.estimate_s, device=ctx.device_name, finished=strftime("%F %T")),
+               LOG_COLUMNS)
+    return status == "done"
