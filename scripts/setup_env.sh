@@ -14,7 +14,7 @@ has torch || pip_install "torch==2.13.0"
 has triton || pip_install triton
 missing=()
 for pair in numpy:numpy pytest:pytest pytest_benchmark:pytest-benchmark matplotlib:matplotlib \
-            tqdm:tqdm transformers:transformers; do
+            tqdm:tqdm transformers:transformers accelerate:accelerate peft:peft; do
   has "${pair%%:*}" || missing+=("${pair#*:}")
 done
 [ ${#missing[@]} -eq 0 ] || pip_install "${missing[@]}"
