@@ -247,7 +247,9 @@ torch.compile at one size ({n / 2 ** 20:g}M elements, tensors ({n // p['d']}, {p
 scalar coefficients; every (op, provider) and the copy timed interleaved, {p['rounds']} rounds of
 {p['per_round']} calls after {p['warmup']} warm-up calls; median and p20-p80 over the rounds). It makes no bandwidth
 claim: the fused kernels are GPU code. For scale, a torch copy_ of {n / 2 ** 20:g}M fp32 elements takes
-{_ms_cell(copy)} ms here.
+{_ms_cell(copy)} ms here. These ops are memory bound: on a CPU shared with other work the eager times
+move between runs (up to ~2x, with the machine's memory traffic and the allocator's page faults), while
+the interleaving keeps the ops of one run comparable with each other.
 
 {markdown_table(header, table)}
 {skipped_note}
