@@ -45,6 +45,8 @@ class GPTConfig:
     seed: int = 0
     loss_chunk_tokens: int = 0
     exact: bool = False                                 # bit-exact reversible body (reversible archs only)
+    max_reconstruction_error: Optional[float] = None    # reversible archs: a backward whose rebuilt input
+                                                        # strays further (relative) raises
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -56,6 +58,8 @@ class GPTConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.exact and self.arch in ("baseline", "checkpoint"):
             raise ValueError(f"exact=True needs a reversible arch, got arch={self.arch!r}")
+        if self.max_reconstruction_error is not None and self.arch in ("baseline", "checkpoint"):
+            raise ValueError(f"max_reconstruction_error needs a reversible arch, got arch={self.arch!r}")
 
 
 class ResidualStack(nn.Module):
@@ -81,14 +85,15 @@ def build_body(cfg: GPTConfig) -> nn.Module:
     if cfg.arch == "hamiltonian":
         return HamiltonianStack([AttentionBlock(d, H, p, bias) for _ in range(L)],
                                 [MLPBlock(d, p, bias) for _ in range(L)], a=cfg.ham_a, b=cfg.ham_b,
-                                exact=cfg.exact)
+                                exact=cfg.exact, max_reconstruction_error=cfg.max_reconstruction_error)
     blocks = [TransformerBlock(d, H, p, bias) for _ in range(L)]
     if cfg.arch in ("baseline", "checkpoint"):
         return ResidualStack(blocks, use_checkpoint=cfg.arch == "checkpoint")
     h = DEFAULT_H[cfg.arch] if cfg.h is None else cfg.h
     gen = torch.Generator().manual_seed(cfg.seed)
     return ReversibleStack(blocks, cfg.arch, h=h, a=cfg.a if cfg.arch == "midpoint_a" else None,
-                           learnable_a=cfg.learnable_a, generator=gen, exact=cfg.exact)
+                           learnable_a=cfg.learnable_a, generator=gen, exact=cfg.exact,
+                           max_reconstruction_error=cfg.max_reconstruction_error)
 
 
 class GPT(nn.Module):

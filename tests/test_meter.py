@@ -113,3 +113,16 @@ def test_hamiltonian_q0_shape_checked():
     ham = rk.HamiltonianStack([rk.AttentionBlock(D, HEADS)], [rk.MLPBlock(D)])
     with pytest.raises(ValueError, match="q0"):
         ham(torch.randn(2, 4, D), torch.randn(2, 5, D))
+
+
+@pytest.mark.parametrize("arch", ["leapfrog", "hamiltonian"])
+def test_gpt_config_max_reconstruction_error_reaches_the_stack(arch):
+    cfg = rk.GPTConfig(vocab_size=32, seq_len=8, d_model=D, n_heads=HEADS, n_layers=4, arch=arch,
+                       max_reconstruction_error=1e-12, **({"ham_a": -1.0} if arch == "hamiltonian" else {}))
+    model = rk.GPT(cfg)
+    assert model.body.max_reconstruction_error == 1e-12
+    idx = torch.randint(0, 32, (2, 8))
+    with pytest.raises(RuntimeError, match="max_reconstruction_error"):
+        model(idx, idx)[1].backward()
+    with pytest.raises(ValueError, match="max_reconstruction_error needs a reversible arch"):
+        rk.GPTConfig(arch="baseline", max_reconstruction_error=1e-3)
