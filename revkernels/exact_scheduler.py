@@ -108,12 +108,12 @@ class ExactThreeTermFunction(torch.autograd.Function):
         gB = torch.zeros_like(gA)
         flag, param_grads = new_flag(A.device), []
         for j in reversed(range(len(run.blocks))):
-            inp, f = _recompute(run.blocks[j], from_grid(B), ctx.fwd_ctxs[j], ctx.autocast)
+            inp, f = _recompute(run, j, from_grid(B), ctx.fwd_ctxs[j], ctx.autocast)
             gf = exact_backward_step_(A, B, f.detach(), gA, gB, coefs.m[j], coefs.k[j], coefs.c[j],
                                       ctx.sides[j], flag)     # A <- P[j-1]
             ctx.sides[j] = None
             grads_j = []
-            _add_(gB, block_vjp(j, run.blocks[j], f, inp, run.params[j], run.names[j], gf, grads_j))
+            _add_(gB, block_vjp(run, j, f, inp, gf, grads_j))
             param_grads.append(grads_j)
             A, B, gA, gB = B, A, gB, gA
         raise_flags(flag, "the exact backward")
@@ -154,11 +154,11 @@ class ExactHamiltonianFunction(torch.autograd.Function):
         flag, param_grads = new_flag(p.device), []
         for l in reversed(range(0, len(run.blocks), 2)):
             grads_m, grads_g = [], []
-            inp, m = _recompute(run.blocks[l + 1], from_grid(q), ctx.fwd_ctxs[l + 1], ctx.autocast)
-            _add_(gq, block_vjp(l + 1, run.blocks[l + 1], m, inp, run.params[l + 1], run.names[l + 1], gp.to(m.dtype), grads_m))      # dL/dQ[l] complete
+            inp, m = _recompute(run, l + 1, from_grid(q), ctx.fwd_ctxs[l + 1], ctx.autocast)
+            _add_(gq, block_vjp(run, l + 1, m, inp, gp.to(m.dtype), grads_m))      # dL/dQ[l] complete
             exact_coupling_(p, p, m.detach(), b, flag, inverse=True, gx=gp)          # P[l-1], gp <- b*gp
-            inp, g = _recompute(run.blocks[l], from_grid(p), ctx.fwd_ctxs[l], ctx.autocast)
-            _add_(gp, block_vjp(l, run.blocks[l], g, inp, run.params[l], run.names[l], gq.to(g.dtype), grads_g))          # dL/dP[l-1] complete
+            inp, g = _recompute(run, l, from_grid(p), ctx.fwd_ctxs[l], ctx.autocast)
+            _add_(gp, block_vjp(run, l, g, inp, gq.to(g.dtype), grads_g))          # dL/dP[l-1] complete
             exact_coupling_(q, q, g.detach(), a, flag, inverse=True, gx=gq)          # Q[l-1], gq <- a*gq
             param_grads += [grads_m, grads_g]
         raise_flags(flag, "the exact backward")

@@ -22,16 +22,18 @@ from .replay import AutocastState, ForwardContext
 
 @dataclass
 class StackRun:
-    """The non-tensor arguments of one call: the blocks, their parameters, options."""
+    """The non-tensor arguments of one call: the blocks, their parameters, options, and which blocks hold
+    FSDP2 modules (found once per forward, so the backward's recomputes need no module scan)."""
     blocks: Sequence[nn.Module]
     state_dtype: torch.dtype
     preserve_rng: bool
     report_reconstruction: Optional[Callable[[torch.Tensor], None]] = None
     params: List[List[torch.Tensor]] = field(init=False)
     names: List[List[str]] = field(init=False)
+    fsdp2: List[bool] = field(init=False)
 
     def __post_init__(self):
-        _refuse_fsdp1(self.blocks)
+        self.fsdp2 = _fsdp2_blocks(self.blocks)
         named = [list(b.named_parameters()) for b in self.blocks]
         self.params = [[p for _, p in ps] for ps in named]
         self.names = [[n for n, _ in ps] for ps in named]
@@ -40,15 +42,24 @@ class StackRun:
         return [p for ps in self.params for p in ps]
 
 
-def _refuse_fsdp1(blocks):
-    """FSDP1 flattens a wrapped block's parameters into one FlatParameter whose gradient its hooks
-    route back; its hooks do not survive the reversible backward's recompute: use FSDP2."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
+def _fsdp2_blocks(blocks):
+    """Per block, whether FSDP2 modules sit inside it. Refuses FSDP1, which flattens a wrapped block's
+    parameters into one FlatParameter whose gradient its hooks route back; those hooks do not survive the
+    reversible backward's recompute. Refuses FSDP2 under a whole-model torch.compile, whose traced
+    backward cannot follow FSDP2's unsharded parameters."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    found = []
     for j, block in enumerate(blocks):
-        if any(isinstance(m, FullyShardedDataParallel) for m in block.modules()):
+        modules = list(block.modules())
+        if any(isinstance(m, FullyShardedDataParallel) for m in modules):
             raise RuntimeError(
                 f"block {j} is wrapped by FSDP1 (FullyShardedDataParallel), which reversible stacks do "
                 "not support. Use FSDP2: `fully_shard(block)` on each block, then `fully_shard(model)`")
+        found.append(any(isinstance(m, FSDPModule) for m in modules))
+    if any(found) and torch.compiler.is_compiling():
+        raise RuntimeError("a reversible stack with per-block FSDP2 cannot run under a whole-model "
+                           "torch.compile: compile the blocks instead (torch.compile(block) before fully_shard)")
+    return found
 
 
 def checked_update(block, j, state):
@@ -85,9 +96,11 @@ def _fsdp2_rearm(block):
             state._training_state = TrainingState.IDLE
 
 
-def _recompute(block, state, fwd_ctx, autocast):
-    """(input leaf, output) of block(state) with grad, under the forward's RNG and autocast."""
-    _fsdp2_rearm(block)
+def _recompute(run, j, state, fwd_ctx, autocast):
+    """(input leaf, output) of block j's update at `state` with grad, under the forward's RNG and autocast."""
+    block = run.blocks[j]
+    if run.fsdp2[j]:
+        _fsdp2_rearm(block)
     inp = state.detach().requires_grad_(True)
     with torch.enable_grad(), fwd_ctx.replay(), autocast.replay():
         out = block(inp)
@@ -116,13 +129,12 @@ def graph_leaves(out, j):
     return leaves
 
 
-def _fsdp2_managed(block, p):
-    """True when `p` is a parameter that FSDP2 shards under `block`: a DTensor owned by an FSDP2 module
-    inside it. Its recompute runs on the unsharded tensor FSDP2 registers at that forward, whose .grad
-    FSDP2's post-backward hook reduce-scatters back onto `p`."""
-    from torch.distributed.fsdp import FSDPModule
+def _fsdp2_managed(p):
+    """True when `p` is a DTensor, the sharded parameter of an FSDP2 module inside the block (the caller
+    checks the block holds one). Its recompute runs on the unsharded tensor FSDP2 registers at that
+    forward, whose .grad FSDP2's post-backward hook reduce-scatters back onto `p`."""
     from torch.distributed.tensor import DTensor
-    return isinstance(p, DTensor) and any(isinstance(m, FSDPModule) for m in block.modules())
+    return isinstance(p, DTensor)
 
 
 def _fsdp1_hint(swapped):
@@ -131,10 +143,10 @@ def _fsdp1_hint(swapped):
     return ""
 
 
-def block_vjp(j, block, out, inp, params, names, cotangent, param_grads):
+def block_vjp(run, j, out, inp, cotangent, param_grads):
     """dL/dinp = J_j^T cotangent; appends one gradient (or None) per recorded parameter to param_grads.
 
-    `params` are the block's parameters recorded at the forward, `names` their names in the block. When the recompute used exactly those
+    The block's parameters recorded at the forward are run.params[j] (names run.names[j]). When the recompute used exactly those
     tensors, their gradients are taken with autograd.grad and returned as the Function's input
     gradients (one AccumulateGrad per parameter per step, as DDP expects). A wrapper that swaps
     parameters under the block (per-block FSDP2 unshards into new tensors at each forward) makes the
@@ -142,23 +154,33 @@ def block_vjp(j, block, out, inp, params, names, cotangent, param_grads):
     the wrapper's hooks fire (FSDP2 reduce-scatters from the unsharded parameters' .grad), and a
     recorded parameter that requires grad but is reached by no gradient raises: never a silent None.
     """
+    block, params, names = run.blocks[j], run.params[j], run.names[j]
     if not out.requires_grad:                  # an update with no graph (e.g. zeros): J = 0
         param_grads.extend(None for _ in params)
         return None
     wanted = [p for p in params if p.requires_grad]
     recorded = {id(p) for p in params}
     # Dynamo (torch.compile of the whole model) traces this backward once, with the module's own
-    # parameters; it cannot walk a graph, and compiled wrappers that swap parameters are not supported.
-    leaves = [] if torch.compiler.is_compiling() else [t for t in graph_leaves(out, j) if t is not inp]
+    # parameters; it cannot walk a graph, so a parameter left without a gradient raises there.
+    compiling = torch.compiler.is_compiling()
+    leaves = [] if compiling else [t for t in graph_leaves(out, j) if t is not inp]
     swapped = [t for t in leaves if id(t) not in recorded]
     if not swapped:
         grads = iter(torch.autograd.grad(out, [inp, *wanted], cotangent, allow_unused=True))
         g_inp = next(grads)
-        param_grads.extend(next(grads) if p.requires_grad else None for p in params)
+        for name, p in zip(names, params):
+            g = next(grads) if p.requires_grad else None
+            if compiling and p.requires_grad and g is None:
+                raise RuntimeError(
+                    f"reversible backward under torch.compile: parameter {name!r} of block {j} "
+                    f"({type(block).__name__}) requires grad but gets none. A compiled backward cannot tell an "
+                    "unused parameter from one a wrapper swapped out; freeze it (requires_grad_(False)) or "
+                    "compile the blocks instead of the whole model")
+            param_grads.append(g)
         return g_inp
     used = {id(t) for t in leaves}
     for name, p in zip(names, params):
-        if p.requires_grad and id(p) not in used and not _fsdp2_managed(block, p):
+        if p.requires_grad and id(p) not in used and not (run.fsdp2[j] and _fsdp2_managed(p)):
             raise RuntimeError(
                 f"reversible backward: parameter {name!r} of block {j} "
                 f"({type(block).__name__}) requires grad but its recompute used other tensors "
@@ -246,10 +268,10 @@ class ThreeTermFunction(torch.autograd.Function):
         da, dc, param_grads = [], [], []
         pending = None              # J_{j+1}^T gf of the layer above: the part of gA not yet added
         for j in reversed(range(len(run.blocks))):
-            inp, f = _recompute(run.blocks[j], B, ctx.fwd_ctxs[j], ctx.autocast)
+            inp, f = _recompute(run, j, B, ctx.fwd_ctxs[j], ctx.autocast)
             gf, da_j, dc_j = backward_step_(A, B, f.detach(), gA, gB, a[j], c[j], coef_grads, g_pending=pending)
             grads_j = []
-            pending = block_vjp(j, run.blocks[j], f, inp, run.params[j], run.names[j], gf, grads_j)
+            pending = block_vjp(run, j, f, inp, gf, grads_j)
             if pending is not None:
                 pending = pending.to(gB.dtype).contiguous()   # belongs to dL/dp[j] = gB, the next gA
             param_grads.append(grads_j)
@@ -297,13 +319,11 @@ class HamiltonianFunction(torch.autograd.Function):
         param_grads = []
         for l in reversed(range(0, len(run.blocks), 2)):
             grads_m, grads_g = [], []
-            inp, m = _recompute(run.blocks[l + 1], q, ctx.fwd_ctxs[l + 1], ctx.autocast)
-            _add_(gq, block_vjp(l + 1, run.blocks[l + 1], m, inp, run.params[l + 1], run.names[l + 1],
-                                gp.to(m.dtype), grads_m))                       # dL/dq[l] complete
+            inp, m = _recompute(run, l + 1, q, ctx.fwd_ctxs[l + 1], ctx.autocast)
+            _add_(gq, block_vjp(run, l + 1, m, inp, gp.to(m.dtype), grads_m))    # dL/dq[l] complete
             coupling_(p, p, m.detach(), b, inverse=True, gx=gp)              # p <- p[l-1], gp <- b*gp
-            inp, g = _recompute(run.blocks[l], p, ctx.fwd_ctxs[l], ctx.autocast)
-            _add_(gp, block_vjp(l, run.blocks[l], g, inp, run.params[l], run.names[l],
-                                gq.to(g.dtype), grads_g))                       # dL/dp[l-1] complete
+            inp, g = _recompute(run, l, p, ctx.fwd_ctxs[l], ctx.autocast)
+            _add_(gp, block_vjp(run, l, g, inp, gq.to(g.dtype), grads_g))            # dL/dp[l-1] complete
             coupling_(q, q, g.detach(), a, inverse=True, gx=gq)              # q <- q[l-1], gq <- a*gq
             param_grads += [grads_m, grads_g]
         _report(run, (p, q), (p0, q0))

@@ -56,7 +56,8 @@ def full_grads(model):
     out = {}
     for name, p in model.named_parameters():
         g = p.grad
-        out[name] = None if g is None else (g.full_tensor() if hasattr(g, "full_tensor") else g).clone()
+        g = None if g is None else (g.full_tensor() if hasattr(g, "full_tensor") else g).clone()
+        out[name.removeprefix("_orig_mod.")] = g          # torch.compile's wrapper prefixes the names
     return out
 
 
@@ -110,7 +111,22 @@ def run_cases(rank, world):
     results["memory"] = {n: activation_bytes(n, rank, world) for n in (2, 6)}
     results["fsdp1-per-block"] = fsdp1_outcome(rank, world, per_block=True)
     results["fsdp1-root"] = fsdp1_outcome(rank, world, per_block=False)
+    results["midpoint-compiled"] = compiled_outcome(rank, world, fullgraph=False)
+    results["compiled-fullgraph"] = compiled_outcome(rank, world, fullgraph=True)
     return results
+
+
+def compiled_outcome(rank, world, fullgraph):
+    """A per-block FSDP2 midpoint GPT under whole-model torch.compile (aot_eager): the error's message,
+    or the two steps' gradients if it ran."""
+    model = torch.compile(fsdp2(build("midpoint"), True), fullgraph=fullgraph, backend="aot_eager")
+    try:
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            return train_two_steps(model, rank, world)
+    except Exception as e:              # Dynamo reports the stack's RuntimeError inside its own error
+        return str(e)
+    finally:
+        torch._dynamo.reset()
 
 
 def activation_bytes(n_layers, rank, world):

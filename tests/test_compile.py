@@ -2,6 +2,7 @@
 DESIGN 6: compile the blocks, not the stack (its autograd.Function would graph-break)."""
 import pytest
 import torch
+from torch import nn
 
 import revkernels as rk
 
@@ -58,3 +59,23 @@ def test_whole_reversible_gpt_compiles_fullgraph_and_matches_eager(monkeypatch, 
     torch.testing.assert_close(loss, loss_ref, rtol=0, atol=0)
     for p, g in zip(model.parameters(), grads_ref):
         torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+
+
+class UpdateWithUnusedParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.unused = nn.Parameter(torch.zeros(3))
+
+    def forward(self, p):
+        return self.lin(p)
+
+
+def test_whole_model_compile_refuses_a_parameter_left_without_gradient(monkeypatch):
+    # Eager backward walks the recompute's graph to tell an unused parameter from a swapped one; a
+    # traced backward cannot, so a parameter without a gradient raises instead of getting a silent None.
+    monkeypatch.undo()
+    stack = rk.ReversibleStack([UpdateWithUnusedParameter() for _ in range(2)], "midpoint", h=0.5)
+    compiled = torch.compile(stack, fullgraph=True, backend="aot_eager")
+    with torch._dynamo.config.patch(trace_autograd_ops=True), pytest.raises(Exception, match="'unused' of block 1"):
+        compiled(torch.randn(2, 4, 16, requires_grad=True)).sum().backward()

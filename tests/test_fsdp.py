@@ -91,6 +91,13 @@ def test_fsdp1_refused_with_fsdp2_advice(distributed):
     assert "FSDP2" in distributed["fsdp1-root"] and "no gradient" in distributed["fsdp1-root"]
 
 
+def test_per_block_fsdp2_under_whole_model_compile(distributed):
+    # With graph breaks allowed, Dynamo hands the stack back to eager, whose backward handles FSDP2;
+    # with fullgraph=True the traced backward could not, so the stack refuses at the forward.
+    assert_matches(distributed["midpoint-compiled"], single_process("midpoint"))
+    assert "per-block FSDP2 cannot run under a whole-model torch.compile" in distributed["compiled-fullgraph"]
+
+
 class CloningWrapper(nn.Module):
     """Runs `inner` on detached copies of its parameters: the copies get the gradients, the module's
     own parameters none -- what any wrapper that swaps parameters without routing gradients back does."""
