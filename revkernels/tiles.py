@@ -102,7 +102,6 @@ def autotuned(family: str):
         do_bench=_wall_clock_bench if INTERPRET else None)(KERNELS[family])
 
 
-
 def launch(family: str, op: str, dtype, M: int, D: int, args: list, consts: dict) -> triton.Config:
     """Launch `family`'s kernel over an (M, D) problem; record and return the tile it ran with.
     `op` (public op name) and `dtype` (of f or g) label the record for `chosen`."""

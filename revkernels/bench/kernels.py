@@ -15,6 +15,10 @@ On a CPU the report gives times only, as points at one size: bandwidth figures d
 GPU kernels, which do not run there. There every (op, provider) and a copy of the same elements are
 timed interleaved (common.interleaved_ms), so a load change or the allocator adapting to the first large
 frees hits them alike. On a GPU, rows are appended per (op, size) as they finish; a rerun resumes.
+
+Tiles: after each public op has run through Triton, the tile it ran with (`ops.tuned_config`: chosen by
+triton.autotune per width, dtypes and op on a GPU; the interpreter's fixed tile on a CPU) is logged to
+kernels-tiles.csv and to the report.
 """
 from dataclasses import dataclass
 from typing import Callable
@@ -34,6 +38,7 @@ PRESETS = {
     "tiny": dict(sizes=(2 ** 12,), d=64, compile=False, warmup=1, rounds=2, per_round=1),
 }
 COLUMNS = ("op", "provider", "mode", "metric", "x", "median", "p20", "p80", "device")
+TILE_COLUMNS = ("op", "D", "f_dtype", "BLOCK_M", "BLOCK_D", "num_warps", "VEC", "ALIGN", "tuned", "device")
 MODE = "fp32 state, bf16 f"
 A, C, ALPHA = -1.0, 1.0, 0.5     # a = -1 keeps repeated in-place backward steps bounded (period 2)
 
@@ -144,7 +149,33 @@ def _measure_op(ctx, p, op, n, compiled, skipped) -> list:
             skipped.append(f"{at}, compile: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
             continue
         rows += _rows(op.name, provider, n, ms, op.bytes_per_elem * n, ctx.device_name)
+        if provider == "revkernels":
+            log_tile(ctx, op.name, p["d"])
     return rows
+
+
+def log_tile(ctx, op_name, D):
+    """Record (and print) the tile of op `op_name`'s last Triton launch at width D with a bf16 f,
+    replacing this device's earlier record of that op and width."""
+    cfg = ops.tuned_config(op_name, D, torch.bfloat16)
+    if cfg is None:
+        return
+    row = dict(cfg, op=op_name, D=D, f_dtype="bf16", device=ctx.device_name)
+    path = ctx.path("csv", "tiles")
+    key = (op_name, str(D), ctx.device_name)
+    rows = [r for r in read_csv(path) if (r["op"], r["D"], r["device"]) != key] + [row]
+    write_csv(path, rows, TILE_COLUMNS)
+    print(f"kernels: {op_name} at D={D}, bf16 f: " + ", ".join(f"{k}={cfg[k]}" for k in TILE_COLUMNS[3:9]))
+
+
+def _tiles_markdown(ctx) -> str:
+    rows = [r for r in read_csv(ctx.path("csv", "tiles")) if r["device"] == ctx.device_name]
+    if not rows:
+        return ""
+    how = ("chosen by triton.autotune on this device" if rows[0]["tuned"] == "True"
+           else "the interpreter's fixed tile: nothing is tuned on a CPU")
+    return (f"Tiles ({how}; `revkernels.ops.tuned_config(op, D, dtype)`):\n\n"
+            + markdown_table(list(TILE_COLUMNS[:-1]), [[r[c] for c in TILE_COLUMNS[:-1]] for r in rows]))
 
 
 def reference_only(ctx) -> bool:
@@ -208,6 +239,8 @@ def _measure_cpu(ctx, p, compiled, skipped) -> list:
                 skipped.append(f"{op.name}, compile: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
                 continue
             fns[(op.name, provider)] = lambda fn=fn, args=args: fn(*args)
+            if provider == "revkernels":
+                log_tile(ctx, op.name, p["d"])
     times = interleaved_ms(fns, ctx.device, p["warmup"], p["rounds"], p["per_round"])
     return [dict(op=op, provider=provider, mode=MODE, metric="time_ms", x=n, device=ctx.device_name,
                  **dict(zip(("median", "p20", "p80"), quantiles(ms)))) for (op, provider), ms in times.items()]
@@ -253,6 +286,8 @@ the interleaving keeps the ops of one run comparable with each other.
 
 {markdown_table(header, table)}
 {skipped_note}
+{_tiles_markdown(ctx)}
+
 Targets (GPU preset): rev_step / rev_inverse at >= 90% of the device's copy bandwidth for tensors of 64 MiB
 and more (PyTorch eager needs ~5 passes over memory); the fused backward step >= 3x faster than the same
 math in PyTorch eager.
@@ -319,6 +354,8 @@ Reference: copy bandwidth **{copy_bw:.1f} GB/s** (torch copy_, fp32, {copy_n / 2
 
 {markdown_table(header, table)}
 {skipped_note}
+{_tiles_markdown(ctx)}
+
 Targets: rev_step / rev_inverse >= 90% of the device's copy bandwidth for tensors of 64 MiB and more
 (PyTorch eager needs ~5 passes over memory); the fused backward step >= 3x faster than PyTorch eager.
 """
