@@ -1,8 +1,8 @@
 """Functional fused ops: validation, device dispatch, launchers, torch.library custom ops.
 
 Dispatch: CUDA tensors run the Triton kernels; CPU tensors run the same kernels under Triton's
-interpreter when ``TRITON_INTERPRET=1`` was set before import, otherwise the PyTorch formulas of
-``revkernels.reference``. float64 states always take the reference (the kernels compute in fp32).
+interpreter when ``TRITON_INTERPRET=1`` was set before import, otherwise the in-place PyTorch
+formulas of ``revkernels.fallback``. float64 states always take the fallback (the kernels compute in fp32).
 
 Tiles: autotuned per width, op and dtypes on a GPU, one fixed tile under the interpreter
 (``revkernels.tiles``); ``tuned_config`` reports the tile an op last ran with.
@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import reference as ref
+from . import fallback
 from .validation import (check_coef, check_disjoint, check_like, check_not_requiring_grad,
                          check_out, check_same_dtype)
 
@@ -32,7 +32,7 @@ except ImportError:  # no triton wheel for this platform: the reference runs eve
 
 
 def uses_triton(t: Tensor) -> bool:
-    """Whether ops on tensors like `t` run the Triton kernels (else the PyTorch reference)."""
+    """Whether ops on tensors like `t` run the Triton kernels (else revkernels.fallback)."""
     if not HAS_TRITON or t.dtype == torch.float64:
         return False
     return t.is_cuda or (t.device.type == "cpu" and INTERPRET)
@@ -121,7 +121,7 @@ def _three_term_op(out: Tensor, x: Tensor, y: Tensor, f: Tensor, a_t: Optional[T
     if out.numel() == 0:
         return
     if not uses_triton(out):
-        out.copy_((ref.rev_inverse if inverse else ref.rev_step)(x, y, f, a, c))
+        fallback.three_term_(out, x, y, f, a, c, inverse)
         return
     o = _Writable2d(out, initialised=False)
     with _device_guard(out):
@@ -156,8 +156,7 @@ def _backward_step_op(A: Tensor, B: Tensor, f: Tensor, gA: Tensor, gB: Tensor, g
     c = c_t if c_t is not None else c_s
     empty = A.new_empty(0, dtype=torch.float32)
     if not uses_triton(A) or A.numel() == 0:
-        A_new, gA_new, gB_new, gf, da, dc = ref.rev_backward_step(A, B, f, gA, gB, a, c, coef_grads, g_pending)
-        A.copy_(A_new), gA.copy_(gA_new), gB.copy_(gB_new)
+        gf, da, dc = fallback.backward_step_(A, B, f, gA, gB, g_pending, a, c, coef_grads)
         if not coef_grads:
             return gf, empty, empty.clone()
         return gf, da.float().reshape(_coef_grad_shape(a_t)), dc.float().reshape(_coef_grad_shape(c_t))
@@ -213,10 +212,7 @@ def _coupling_op(out: Tensor, x: Tensor, g: Tensor, gx: Optional[Tensor],
     if out.numel() == 0:
         return
     if not uses_triton(out):
-        out.copy_((ref.coupling_inverse if inverse else ref.coupling_step)(x, g, alpha))
-        if gx is not None:
-            dt = torch.promote_types(torch.float32, gx.dtype)  # fp32, or float64 gx's own precision
-            gx.copy_((gx.to(dt) * (alpha.to(dt) if isinstance(alpha, Tensor) else alpha)).to(gx.dtype))
+        fallback.coupling_(out, x, g, gx, alpha, inverse)
         return
     o = _Writable2d(out, initialised=False)
     wgx = _Writable2d(gx, initialised=True) if gx is not None else None

@@ -28,7 +28,7 @@ def rev_inverse(p_next, p_cur, f, a, c):
     return ((p_next.to(dt) - (1 - a) * p_cur.to(dt) - c * f.to(dt)) / a).to(p_next.dtype)
 
 
-def _reduce_to(x, coef):
+def reduce_to_coef(x, coef):
     """Sum x over every dim but the last when coef is per channel, over all dims otherwise."""
     if isinstance(coef, torch.Tensor) and coef.dim() == 1:
         return x.reshape(-1, x.shape[-1]).sum(0)
@@ -56,8 +56,8 @@ def rev_backward_step(A, B, f, gA, gB, a, c, coef_grads=False, g_pending=None):
     gA_new = (a_ * g).to(gA.dtype)
     da = dc = None
     if coef_grads:
-        da = _reduce_to(g * (A_new - B.to(dt)), a)
-        dc = _reduce_to(g * f32, c)
+        da = reduce_to_coef(g * (A_new - B.to(dt)), a)
+        dc = reduce_to_coef(g * f32, c)
     return A_new.to(A.dtype), gA_new, gB_new, gf, da, dc
 
 

@@ -51,6 +51,7 @@ import pytest
 import torch
 
 import revkernels as rk
+from conftest import DEVICES
 from revkernels import ops, tiles
 from revkernels import reference as ref
 
@@ -68,6 +69,16 @@ F_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 COEF_PAIRS = [("float", "float"), ("0d", "0d"), ("channel", "channel"), ("float", "channel"), ("channel", "0d")]
 
 WORST = {}  # largest err / bound seen per quantity (for reporting; the asserts are what count)
+
+
+@pytest.fixture(params=[*DEVICES, "cpu-fallback"])
+def device(request, monkeypatch):
+    """Each test taking `device` runs the kernels on the CPU (interpreter) and on CUDA when there is one,
+    and once more on the CPU through revkernels.fallback, what a CPU without the interpreter runs."""
+    if request.param == "cpu-fallback":
+        monkeypatch.setattr(ops, "INTERPRET", False)
+        return torch.device("cpu")
+    return torch.device(request.param)
 
 
 def matrix(pairs):
