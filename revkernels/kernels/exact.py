@@ -73,6 +73,19 @@ def _unpack_side(side_ptr, pid, NB, K: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _load_three_term(x_ptr, y_ptr, f_ptr, m_ptr, c, N, D, M_PER_CHANNEL: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's tile of a three-term op: (pid, offs, mask, m, x, y, Q(c*f), update_ok)."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    m = _load_m(m_ptr, offs, mask, D, M_PER_CHANNEL)
+    x = tl.load(x_ptr + offs, mask=mask, other=0)
+    y = tl.load(y_ptr + offs, mask=mask, other=0)
+    q, update_ok = _quantize(tl.load(f_ptr + offs, mask=mask, other=0.0).to(tl.float32), c)
+    return pid, offs, mask, m, x, y, q, update_ok
+
+
+@triton.jit
 def _inverse(x, y, q, m, side_ptr, pid, NB, K: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
     """(P[j-1], exact_ok) from x = P[j+1], y = P[j], q = Q(c*f)."""
     S = (x - y - q) << K
@@ -89,13 +102,8 @@ def exact_three_term_kernel(
     BLOCK: tl.constexpr,
 ):
     """step: out = P[j+1] from x = P[j-1], y = P[j] (writes side bits); inverse: out = P[j-1] from x = P[j+1]."""
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    m = _load_m(m_ptr, offs, mask, D, M_PER_CHANNEL)
-    x = tl.load(x_ptr + offs, mask=mask, other=0)
-    y = tl.load(y_ptr + offs, mask=mask, other=0)
-    q, update_ok = _quantize(tl.load(f_ptr + offs, mask=mask, other=0.0).to(tl.float32), c)
+    pid, offs, mask, m, x, y, q, update_ok = _load_three_term(x_ptr, y_ptr, f_ptr, m_ptr, c, N, D,
+                                                              M_PER_CHANNEL, BLOCK)
     if INVERSE:
         res, exact_ok = _inverse(x, y, q, m, side_ptr, pid, NB, K, HALF, BLOCK)
     else:
@@ -116,13 +124,8 @@ def exact_backward_step_kernel(
     M_PER_CHANNEL: tl.constexpr, K: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """A <- P[j-1] (bit-exact inverse, A = P[j+1], B = P[j]); gf = c*gA; gB += (1-a)*gA; gA <- a*gA."""
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    m = _load_m(m_ptr, offs, mask, D, M_PER_CHANNEL)
-    A = tl.load(A_ptr + offs, mask=mask, other=0)
-    B = tl.load(B_ptr + offs, mask=mask, other=0)
-    q, update_ok = _quantize(tl.load(f_ptr + offs, mask=mask, other=0.0).to(tl.float32), c)
+    pid, offs, mask, m, A, B, q, update_ok = _load_three_term(A_ptr, B_ptr, f_ptr, m_ptr, c, N, D,
+                                                              M_PER_CHANNEL, BLOCK)
     res, exact_ok = _inverse(A, B, q, m, side_ptr, pid, NB, K, HALF, BLOCK)
     res, range_ok = _saturate(res)
     tl.store(A_ptr + offs, res, mask=mask)
