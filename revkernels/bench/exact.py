@@ -37,7 +37,7 @@ PRESETS = {
                 side=dict(shape=dict(vocab_size=50304, seq_len=1024, d_model=768, n_heads=12), batch=2,
                           depths=(12,))),
     "cpu": dict(step=dict(shape=dict(vocab_size=256, seq_len=64, d_model=64, n_heads=4, n_layers=4),
-                          batch=8, loss_chunk_tokens=128, warmup=2, rounds=10, per_round=2),
+                          batch=8, loss_chunk_tokens=128, warmup=2, rounds=20, per_round=2),
                 side=dict(shape=dict(vocab_size=256, seq_len=32, d_model=64, n_heads=4), batch=2,
                           depths=(4, 16, 32))),
     "tiny": dict(step=dict(shape=dict(vocab_size=64, seq_len=8, d_model=32, n_heads=2, n_layers=2),
