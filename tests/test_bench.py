@@ -10,10 +10,10 @@ from time import monotonic
 import pytest
 import torch
 
-from revkernels.bench import cost_model, kernels, max_batch, plan, quality, throughput_depth
+from revkernels.bench import cost_model, drift, exact, kernels, max_batch, plan, quality, throughput_depth
 from revkernels.bench.__main__ import BENCHMARKS, build_parser, main
 from revkernels.bench._probe import measure, run_probe
-from revkernels.bench.common import ChunkTimeUp, Context, markdown_table, read_csv
+from revkernels.bench.common import ChunkTimeUp, Context, markdown_table, read_csv, write_csv
 from revkernels.bench.corpus import Batches, file_corpus
 
 TINY_CFG = dict(vocab_size=32, seq_len=8, d_model=16, n_heads=2, n_layers=2, arch="midpoint", loss_chunk_tokens=8)
@@ -105,15 +105,20 @@ def test_markdown_table():
     assert markdown_table(["a", "b"], [[1, "x"]]) == "| a | b |\n|---|---|\n| 1 | x |"
 
 
-@pytest.mark.parametrize("name", [n for n in BENCHMARKS if n != "quality"])   # quality: its own test below
-def test_cli_writes_csv_png_md(name, tmp_path, capsys, restore_threads):
-    assert main([name, *TINY, "--out", str(tmp_path)]) == 0
+def _check_cli_files(name, tmp_path, capsys):
     md = (tmp_path / f"{name}.md").read_text()
     assert "preset `tiny`" in md and "CPU" in md
     assert md.strip() in capsys.readouterr().out
     assert (tmp_path / f"{name}.png").stat().st_size > 1000
     with open(tmp_path / f"{name}.csv", newline="") as fh:
         assert len(list(csv.DictReader(fh))) > 0
+
+
+# quality, drift, exact: their own tests below check these files too
+@pytest.mark.parametrize("name", [n for n in BENCHMARKS if n not in ("quality", "drift", "exact")])
+def test_cli_writes_csv_png_md(name, tmp_path, capsys, restore_threads):
+    assert main([name, *TINY, "--out", str(tmp_path)]) == 0
+    _check_cli_files(name, tmp_path, capsys)
     if name == "kernels":
         assert tuple(read_csv(tmp_path / "kernels.csv")[0]) == kernels.COLUMNS
 
@@ -275,3 +280,69 @@ def test_gpu_max_batch_from_two_small_probes_steps_down_on_oom(tmp_path, monkeyp
     p = dict(throughput_depth.PRESETS["tiny"], tol=0.02)
     row = throughput_depth._extrapolated_row(ctx, p, "midpoint", 1, ("2000 B", 2000), prober, 100, cap=4096)
     assert probed == [12, 25] and row["batch"] == 98 and row["step_ms"] == 1.0
+
+
+def test_drift_reports_the_meter_and_exact_mode(tmp_path, capsys, restore_threads):
+    """Tiny drift: every point has the float meter (the stack's own measure of the reconstruction error the
+    benchmark's round trip finds) and exact mode's columns: meter exactly 0.0, gradients at fp32 rounding level
+    against the exact model's reversible=False (fp32 blocks), side bytes only for midpoint_a."""
+    assert main(["drift", *TINY, "--out", str(tmp_path)]) == 0
+    _check_cli_files("drift", tmp_path, capsys)
+    rows = read_csv(tmp_path / "drift.csv")
+    assert tuple(rows[0]) == drift.COLUMNS
+    assert len(rows) == len(drift.SCHEMES) * len(drift.DTYPES) * len(drift.PRESETS["tiny"]["depths"])
+    for r in rows:
+        recon, meter = float(r["recon_rel"]), float(r["meter"])
+        assert 0 < meter and 0.5 * recon <= meter <= 2 * recon, r
+        assert float(r["exact_meter"]) == 0.0, r
+        assert (int(r["exact_side_bytes"]) > 0) == (r["scheme"] == "midpoint_a"), r
+        assert math.isnan(float(r["bf16_noise"])) == (r["block_dtype"] == "fp32"), r
+        if r["block_dtype"] == "fp32":
+            assert float(r["exact_grad_rel"]) < 1e-5, r
+    md = (tmp_path / "drift.md").read_text()
+    assert "exact mode's meter: 0.0 at every measured point" in md and "last_reconstruction_error" in md
+
+
+def test_drift_remeasures_rows_of_a_csv_without_the_new_columns(tmp_path, restore_threads):
+    torch.set_num_threads(1)
+    ctx = Context("drift", "tiny", tmp_path, only={"n_layers": (1,)})
+    old_columns = ("scheme", "n_layers", "block_dtype", "recon_abs", "recon_rel", "grad_rel", "device", "preset")
+    old = dict(scheme="midpoint", n_layers=1, block_dtype="fp32", recon_abs=9.0, recon_rel=9.0, grad_rel=9.0,
+               device=ctx.device_name, preset="tiny")
+    write_csv(ctx.path("csv"), [old], old_columns)
+    md = drift.run(ctx)
+    rows = read_csv(ctx.path("csv"))
+    assert tuple(rows[0]) == drift.COLUMNS and {r["n_layers"] for r in rows} == {"1"}
+    point = [r for r in rows if (r["scheme"], r["block_dtype"]) == ("midpoint", "fp32")]
+    assert len(point) == 1 and float(point[0]["recon_rel"]) < 1e-5 and float(point[0]["exact_meter"]) == 0.0
+    assert "nan" in md                                  # depth 3 not measured yet
+
+
+def test_exact_side_bytes_are_measured_and_match_k_bits_per_element_per_layer(tmp_path):
+    """Per-layer a = 0.5, -0.75, 1, 129/256 store 1 + 2 + 0 + 8 bits per element: measured on the side
+    tensors the forward kept, and reported by the stack."""
+    ctx = Context("exact", "tiny", tmp_path)
+    p = exact.PRESETS["tiny"]["side"]
+    row = exact.measure_side(ctx, p, "mixed", (0.5, -0.75, 1.0, 129 / 256), 4)
+    B, T, d = p["batch"], p["shape"]["seq_len"], p["shape"]["d_model"]
+    assert row["side_bits"] == 11
+    assert row["side_bytes_measured"] == row["side_bytes_reported"] == 11 * B * T * d // 8
+    assert row["exact_saved_bytes"] == B * T * d * (8 + 8 + 4)       # two int64 states and the fp32 input
+    assert row["autograd_saved_bytes"] > 4 * B * T * d * 4           # at least one fp32 tensor per layer
+
+
+def test_exact_benchmark_times_both_modes_and_tabulates_side_bits(tmp_path, capsys, restore_threads):
+    assert main(["exact", *TINY, "--out", str(tmp_path)]) == 0
+    _check_cli_files("exact", tmp_path, capsys)
+    md = (tmp_path / "exact.md").read_text()
+    steps = read_csv(tmp_path / "exact.csv")
+    assert {(r["arch"], r["mode"]) for r in steps} == {(a, m) for a in exact.ARCHS for m in exact.MODES}
+    assert all(float(r["step_ms"]) > 0 for r in steps)
+    assert all(float(r["exact_vs_float"]) == 1.0 for r in steps if r["mode"] == "float")
+    sides = read_csv(tmp_path / "exact-side-bits.csv")
+    assert len(sides) == len(exact.A_VALUES) * len(exact.PRESETS["tiny"]["side"]["depths"])
+    for r in sides:
+        n = int(r["batch"]) * int(r["seq_len"]) * int(r["d_model"])
+        assert int(r["side_bytes_measured"]) == int(r["side_bytes_reported"]) == int(r["side_bits"]) * n // 8
+        assert (int(r["side_bits"]) == 0) == (r["a"] in ("1", "-1"))
+    assert "all three agree at every point" in md and "1.05x" in md

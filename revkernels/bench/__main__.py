@@ -16,6 +16,7 @@ BENCHMARKS = {
     "throughput-depth": "throughput_depth",
     "max-batch": "max_batch",
     "drift": "drift",
+    "exact": "exact",
     "stability": "stability",
     "quality": "quality",
 }
@@ -33,6 +34,7 @@ done; it runs nothing).
   throughput-depth  step time against depth: at each arch's max batch (GPU) and at one common batch
   max-batch         the largest batch that trains under each memory budget
   drift             reconstruction and gradient error of the reversible backward against depth
+  exact             exact mode's cost: step time of exact=True vs exact=False, midpoint_a's side bits
   stability         linear stability regions of the schemes (closed form)
   quality           five archs trained on real text, then the retrofit of the trained baseline
 

@@ -32,6 +32,8 @@ WORKSPACE_BYTES = 1.5 * 2 ** 30
 PROCESS_START_S = 6.0           # fresh probe process: interpreter, import torch + triton, CUDA context
 CPU_INIT_PARAMS_PER_S = 150e6   # GPT built on the CPU (default inits, then GPT's normal init), then moved
 COMPILE_S = 8.0                 # torch.compile of one small elementwise graph (kernels benchmark)
+TRITON_JIT_S = 3.0              # Triton JIT of one specialisation of an elementwise kernel (incl. ptxas)
+EXACT_STEP_FACTOR = 1.1         # exact-mode step vs float step: int64 states (8 B per element), extra passes
 REVERSIBLE = ("midpoint", "leapfrog", "midpoint_a", "hamiltonian")
 
 

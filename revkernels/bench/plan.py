@@ -49,9 +49,31 @@ def _drift_s(depths):
     for L in depths:
         cfg = dict(p["shape"], n_layers=L, arch="midpoint", loss_chunk_tokens=p["loss_chunk_tokens"])
         n = sum(cm.n_params(cfg).values())
-        # build on the CPU, then 2 forward passes (round trip) + 2 training steps (gradient check)
-        total += len(SCHEMES) * len(DTYPES) * (n / cm.CPU_INIT_PARAMS_PER_S + 3 * cm.step_s(cfg, p["batch"]))
-    return total
+        step = cm.step_s(cfg, p["batch"])
+        # float and exact models built on the CPU once per scheme and depth; per block dtype, float:
+        # 2 forward passes (round trip) + 2 training steps (gradient check), exact: 2 training steps;
+        # bf16: 1 fp32 autograd step (the bf16 noise)
+        total += len(SCHEMES) * (2 * n / cm.CPU_INIT_PARAMS_PER_S + 1 * step)
+        total += len(SCHEMES) * len(DTYPES) * (3 + 2 * cm.EXACT_STEP_FACTOR) * step
+    # exact kernels' specialisations: three-term step and backward step for k = 0, 1, 2, Hamiltonian
+    # coupling forward and inverse, each for fp32 and bf16 updates
+    return total + 2 * (3 + 3 + 2) * cm.TRITON_JIT_S
+
+
+def _exact_s():
+    from .exact import A_VALUES, ARCHS, MODES, PRESETS
+    side, p = PRESETS["gpu"]["side"], PRESETS["gpu"]["step"]
+    total = 0.0
+    for L in side["depths"]:            # side bits: exact and float bodies built, one forward each
+        cfg = dict(side["shape"], n_layers=L, arch="midpoint_a", loss_chunk_tokens=0)
+        total += len(A_VALUES) * (2 * sum(cm.n_params(cfg).values()) / cm.CPU_INIT_PARAMS_PER_S +
+                                  cm.step_s(cfg, side["batch"]))
+    cfg = dict(p["shape"], arch="midpoint", loss_chunk_tokens=p["loss_chunk_tokens"])
+    n = sum(cm.n_params(cfg).values())
+    per_model = n / cm.CPU_INIT_PARAMS_PER_S + (p["warmup"] + p["rounds"] * p["per_round"]) * \
+        cm.step_s(cfg, p["batch"]) * (1 + cm.EXACT_STEP_FACTOR) / 2
+    # exact kernels' bf16 specialisations: step and backward step for k = 0, 1, 2, coupling forward and inverse
+    return total + cm.PROCESS_START_S + len(ARCHS) * len(MODES) * per_model + (3 + 3 + 2) * cm.TRITON_JIT_S
 
 
 def _memory_depth_s(archs, depths):
@@ -115,6 +137,8 @@ def _quality_s():
 def gpu_plan() -> list:
     """The chunks, in the order they run."""
     from .drift import PRESETS as DR
+    from .exact import ARCHS as EX_ARCHS
+    from .exact import PRESETS as EX
     from .max_batch import PRESETS as MB
     from .memory_depth import PRESETS as MD
     from .throughput_depth import PRESETS as TD
@@ -127,6 +151,8 @@ def gpu_plan() -> list:
                {}),
               ("drift", f"drift: 4 schemes, fp32 / bf16 blocks, GPT-2 small width, {depths(DR['gpu']['depths'])}",
                _drift_s(DR["gpu"]["depths"]), {}),
+              ("exact", f"exact: exact vs float step time, {len(EX_ARCHS)} reversible archs, GPT-2 small, batch "
+               f"{EX['gpu']['step']['batch']}; midpoint_a side bits", _exact_s(), {}),
               ("memory-depth", f"memory-depth: {len(md['archs'])} archs, GPT-2 small width, batch {md['batch']}, "
                f"{depths(md['depths'])}", _memory_depth_s(md["archs"], md["depths"]), {}),
               ("max-batch", f"max-batch: {', '.join(mb['archs'])}; GPT-2 small, T=1024; 24/40/48/80 GB",
