@@ -121,6 +121,19 @@ def test_cli_writes_csv_png_md(name, tmp_path, capsys, restore_threads):
     _check_cli_files(name, tmp_path, capsys)
     if name == "kernels":
         assert tuple(read_csv(tmp_path / "kernels.csv")[0]) == kernels.COLUMNS
+        _check_tile_log(tmp_path)
+
+
+def _check_tile_log(tmp_path):
+    """Every op that ran through Triton logged the tile it ran with (the interpreter's: not tuned)."""
+    if kernels.reference_only(Context("kernels", "tiny", tmp_path)):
+        assert not (tmp_path / "kernels-tiles.csv").exists()
+        return
+    tiles = read_csv(tmp_path / "kernels-tiles.csv")
+    assert [r["op"] for r in tiles] == [op.name for op in kernels.OPS]
+    for r in tiles:
+        assert r["tuned"] == "False" and int(r["BLOCK_M"]) >= 1 and int(r["BLOCK_D"]) >= int(r["VEC"])
+    assert "Tiles (the interpreter's fixed tile" in (tmp_path / "kernels.md").read_text()
 
 
 def test_max_batch_resumes_from_its_log(tmp_path, monkeypatch, restore_threads):
