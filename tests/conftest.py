@@ -20,8 +20,20 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 @pytest.fixture(params=DEVICES)
 def device(request):
-    """Each test taking `device` runs on the CPU, and on CUDA when there is one."""
-    return torch.device(request.param)
+    """Each test taking `device` runs on the CPU, and on CUDA when there is one.
+
+    On CUDA, fp32 matmuls are pinned to IEEE fp32 (no TF32) for the test, whatever an earlier test or
+    import set: the fp32 tolerances are rounding bounds in eps32 = 1.2e-7, which TF32's 10-bit
+    mantissa (eps 1e-3) would exceed by four orders of magnitude."""
+    if request.param != "cuda":
+        yield torch.device(request.param)
+        return
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield torch.device("cuda")
+    finally:
+        torch.set_float32_matmul_precision(precision)
 
 
 @pytest.fixture(autouse=True)

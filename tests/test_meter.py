@@ -1,6 +1,10 @@
 """The reconstruction meter (`last_reconstruction_error`, `max_reconstruction_error`, the runaway-drift
 warning) and scheduler edge cases met with other libraries' blocks: an update without a graph, and the
-two-stream Hamiltonian API (q0, return_both)."""
+two-stream Hamiltonian API (q0, return_both).
+
+Devices: tests that run a backward take conftest's `device` fixture (CPU through Triton's interpreter;
+CUDA with the compiled kernels when present); stacks are built on the CPU and moved with .to(device).
+Checks made by a constructor alone (argument validation, the runaway-drift warning) stay CPU-only."""
 import warnings
 
 import pytest
@@ -17,29 +21,30 @@ def blocks(n):
     return [rk.TransformerBlock(D, HEADS) for _ in range(n)]
 
 
-def test_meter_reports_small_positive_drift_for_float_leapfrog():
-    stack = rk.ReversibleStack(blocks(32), "leapfrog", h=0.25)
+def test_meter_reports_small_positive_drift_for_float_leapfrog(device):
+    stack = rk.ReversibleStack(blocks(32), "leapfrog", h=0.25).to(device)
     assert stack.last_reconstruction_error is None
-    stack(torch.randn(2, 4, D)).sum().backward()
+    stack(torch.randn(2, 4, D, device=device)).sum().backward()
     err = stack.last_reconstruction_error
-    # fp32 leapfrog: a double root 1 lets rounding errors grow ~L^2 eps; measured 3e-6 here.
+    # fp32 leapfrog: a double root 1 lets rounding errors grow ~L^2 eps; measured 3e-6 here (CPU).
     assert isinstance(err, float) and 0.0 < err < 1e-4, err
 
 
-def test_meter_on_hamiltonian_stack():
-    ham = rk.HamiltonianStack([rk.AttentionBlock(D, HEADS) for _ in range(8)], [rk.MLPBlock(D) for _ in range(8)])
-    ham(torch.randn(2, 4, D)).sum().backward()
+def test_meter_on_hamiltonian_stack(device):
+    ham = rk.HamiltonianStack([rk.AttentionBlock(D, HEADS) for _ in range(8)],
+                              [rk.MLPBlock(D) for _ in range(8)]).to(device)
+    ham(torch.randn(2, 4, D, device=device)).sum().backward()
     assert 0.0 <= ham.last_reconstruction_error < 1e-5
 
 
 @pytest.mark.parametrize("kind", ["three_term", "hamiltonian"])
-def test_max_reconstruction_error_raises_in_backward(kind):
+def test_max_reconstruction_error_raises_in_backward(kind, device):
     if kind == "three_term":
         stack = rk.ReversibleStack(blocks(16), "leapfrog", h=0.5, max_reconstruction_error=1e-12)
     else:
         stack = rk.HamiltonianStack([rk.AttentionBlock(D, HEADS) for _ in range(4)],
                                     [rk.MLPBlock(D) for _ in range(4)], a=-1.0, max_reconstruction_error=1e-12)
-    y = stack(torch.randn(2, 4, D))
+    y = stack.to(device)(torch.randn(2, 4, D, device=device))
     with pytest.raises(RuntimeError, match="max_reconstruction_error"):
         y.sum().backward()
 
@@ -66,13 +71,14 @@ class Zeros(nn.Module):
 
 
 @pytest.mark.parametrize("stack_kind", ["three_term", "hamiltonian"])
-def test_update_without_graph_matches_autograd(stack_kind):
+def test_update_without_graph_matches_autograd(stack_kind, device):
     torch.manual_seed(0)
     if stack_kind == "three_term":
         stack = rk.ReversibleStack([rk.TransformerBlock(D, HEADS), Zeros(), rk.TransformerBlock(D, HEADS)], h=0.5)
     else:
         stack = rk.HamiltonianStack([rk.AttentionBlock(D, HEADS), Zeros()], [Zeros(), rk.MLPBlock(D)])
-    x = torch.randn(2, 4, D, requires_grad=True)
+    stack.to(device)
+    x = torch.randn(2, 4, D, device=device, requires_grad=True)
     grads = {}
     for reversible in (False, True):
         stack.reversible = reversible
@@ -85,13 +91,13 @@ def test_update_without_graph_matches_autograd(stack_kind):
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
-def test_hamiltonian_two_initial_streams_and_both_outputs(depth):
+def test_hamiltonian_two_initial_streams_and_both_outputs(depth, device):
     torch.manual_seed(0)
     ham = rk.HamiltonianStack([rk.AttentionBlock(D, HEADS) for _ in range(depth)],
-                              [rk.MLPBlock(D) for _ in range(depth)], a=1.0, b=-1.0)
-    p0 = torch.randn(2, 4, D, requires_grad=True)
-    q0 = torch.randn(2, 4, D, requires_grad=True)
-    w_q, w_p = torch.randn(2, 4, D), torch.randn(2, 4, D)
+                              [rk.MLPBlock(D) for _ in range(depth)], a=1.0, b=-1.0).to(device)
+    p0 = torch.randn(2, 4, D, device=device, requires_grad=True)
+    q0 = torch.randn(2, 4, D, device=device, requires_grad=True)
+    w_q, w_p = torch.randn(2, 4, D, device=device), torch.randn(2, 4, D, device=device)
     results = {}
     for reversible in (False, True):
         ham.reversible = reversible

@@ -1,5 +1,10 @@
 """GPT: every arch trains, the chunked loss equals the full one, the reversible bodies match
-ordinary autograd, and bad configurations are refused."""
+ordinary autograd, and bad configurations are refused.
+
+Devices: tests that run a model take conftest's `device` fixture (CPU through Triton's interpreter;
+CUDA with the compiled kernels when present). Models are built on the CPU (same init on every device)
+and moved with .to(device); token ids are drawn on the CPU and moved. Tests of argument checks raised
+before any computation stay CPU-only."""
 import math
 
 import pytest
@@ -11,17 +16,22 @@ from revkernels.models import ARCHS
 VOCAB = 64
 
 
-def tiny(arch="baseline", **kw):
+def tiny(arch="baseline", device="cpu", **kw):
     cfg = dict(vocab_size=VOCAB, seq_len=16, d_model=32, n_heads=4, n_layers=3, arch=arch)
     cfg.update(kw)  # may override arch
-    return rk.GPT(rk.GPTConfig(**cfg))
+    return rk.GPT(rk.GPTConfig(**cfg)).to(device)
+
+
+def tokens(shape, device):
+    """Token ids from the global CPU generator (the same ids on every device), moved to `device`."""
+    return torch.randint(0, VOCAB, shape).to(device)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_each_arch_trains(arch):
-    model = tiny(arch)
+def test_each_arch_trains(arch, device):
+    model = tiny(arch, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    idx, targets = torch.randint(0, VOCAB, (4, 16)), torch.randint(0, VOCAB, (4, 16))
+    idx, targets = tokens((4, 16), device), tokens((4, 16), device)
     losses = []
     for _ in range(6):
         _, loss = model(idx, targets)
@@ -36,10 +46,10 @@ def test_each_arch_trains(arch):
 
 
 @pytest.mark.parametrize("arch", ["baseline", "midpoint", "hamiltonian"])
-def test_chunked_loss_matches_full_loss(arch):
-    full, chunked = tiny(arch), tiny(arch, loss_chunk_tokens=7)
+def test_chunked_loss_matches_full_loss(arch, device):
+    full, chunked = tiny(arch, device), tiny(arch, device, loss_chunk_tokens=7)
     chunked.load_state_dict(full.state_dict())
-    idx, targets = torch.randint(0, VOCAB, (3, 16)), torch.randint(0, VOCAB, (3, 16))
+    idx, targets = tokens((3, 16), device), tokens((3, 16), device)
     targets[0, :5] = -1                                    # ignored tokens
     logits, loss_full = full(idx, targets)
     none, loss_chunked = chunked(idx, targets)
@@ -53,9 +63,9 @@ def test_chunked_loss_matches_full_loss(arch):
 
 
 @pytest.mark.parametrize("arch", ["midpoint", "leapfrog", "midpoint_a", "hamiltonian"])
-def test_reversible_gpt_gradients_match_autograd(arch):
-    model = tiny(arch, n_layers=5)
-    idx, targets = torch.randint(0, VOCAB, (2, 16)), torch.randint(0, VOCAB, (2, 16))
+def test_reversible_gpt_gradients_match_autograd(arch, device):
+    model = tiny(arch, device, n_layers=5)
+    idx, targets = tokens((2, 16), device), tokens((2, 16), device)
     grads = {}
     for reversible in (True, False):
         model.zero_grad()
@@ -67,20 +77,22 @@ def test_reversible_gpt_gradients_match_autograd(arch):
         torch.testing.assert_close(grads[True][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_checkpoint_matches_baseline():
-    base, ckpt = tiny("baseline"), tiny("checkpoint")
+def test_checkpoint_matches_baseline(device):
+    """Bitwise: the recompute runs the same deterministic kernels on the same inputs (on CUDA too:
+    cuBLAS and SDPA's fp32 kernels are deterministic for a fixed shape and stream at this size)."""
+    base, ckpt = tiny("baseline", device), tiny("checkpoint", device)
     ckpt.load_state_dict(base.state_dict())
-    idx = torch.randint(0, VOCAB, (2, 16))
+    idx = tokens((2, 16), device)
     for m in (base, ckpt):
         m(idx, idx)[1].backward()
     for p, q in zip(base.parameters(), ckpt.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0)
 
 
-def test_head_is_tied_and_inference_returns_logits():
-    model = tiny("midpoint")
+def test_head_is_tied_and_inference_returns_logits(device):
+    model = tiny("midpoint", device)
     assert model.lm_head.weight is model.wte.weight
-    logits, loss = model(torch.randint(0, VOCAB, (2, 9)))
+    logits, loss = model(tokens((2, 9), device))
     assert logits.shape == (2, 9, VOCAB) and loss is None
 
 
@@ -102,9 +114,9 @@ def test_too_long_sequence_is_refused():
 # ---------------------------------------------------------------- non-contiguous inputs
 
 @pytest.mark.parametrize("chunk", [0, 5])
-def test_non_contiguous_idx_and_targets_give_the_contiguous_loss(chunk):
-    model = tiny("midpoint", loss_chunk_tokens=chunk)
-    data = torch.randint(0, VOCAB, (3, 17))
+def test_non_contiguous_idx_and_targets_give_the_contiguous_loss(chunk, device):
+    model = tiny("midpoint", device, loss_chunk_tokens=chunk)
+    data = tokens((3, 17), device)
     idx, targets = data[:, :-1], data[:, 1:]
     assert not idx.is_contiguous() and not targets.is_contiguous()
     _, loss = model(idx, targets)
@@ -129,10 +141,10 @@ def argmax_rollout(model, idx, n):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_generate_each_arch(arch):
-    model = tiny(arch)
-    prompt = torch.randint(0, VOCAB, (2, 20))               # longer than seq_len=16: the context is cropped
-    torch.manual_seed(1)
+def test_generate_each_arch(arch, device):
+    model = tiny(arch, device)
+    prompt = tokens((2, 20), device)            # longer than seq_len=16: the context is cropped
+    torch.manual_seed(1)                        # seeds the CUDA generator too
     out = model.generate(prompt, 5)
     assert out.shape == (2, 25) and out.dtype == torch.long
     assert torch.equal(out[:, :20], prompt)
@@ -146,9 +158,9 @@ def test_generate_each_arch(arch):
     assert torch.equal(model.generate(prompt, 5, top_k=1), greedy)
 
 
-def test_generate_runs_in_eval_mode_and_restores_training():
-    model = tiny("leapfrog", dropout=0.5)
-    prompt = torch.randint(0, VOCAB, (2, 4))
+def test_generate_runs_in_eval_mode_and_restores_training(device):
+    model = tiny("leapfrog", device, dropout=0.5)
+    prompt = tokens((2, 4), device)
     assert model.training
     first = model.generate(prompt, 6, top_k=1)
     assert model.training                                    # restored
@@ -158,20 +170,20 @@ def test_generate_runs_in_eval_mode_and_restores_training():
         assert torch.equal(first, argmax_rollout(model, prompt, 6))
 
 
-def test_generate_top_k_restricts_the_samples():
-    model = tiny("baseline")
-    prompt = torch.randint(0, VOCAB, (1, 5)).expand(256, 5)
+def test_generate_top_k_restricts_the_samples(device):
+    model = tiny("baseline", device)
+    prompt = tokens((1, 5), device).expand(256, 5)
     with torch.no_grad():
         top2 = set(model.eval()(prompt[:1])[0][0, -1].topk(2).indices.tolist())
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)      # multinomial draws on the logits' device
     restricted = set(model.generate(prompt, 1, top_k=2, generator=gen)[:, -1].tolist())
     unrestricted = set(model.generate(prompt, 1, generator=gen)[:, -1].tolist())
     assert restricted == top2
     assert len(unrestricted) > 10                            # near-uniform logits at init: many tokens
 
 
-def test_generate_does_not_record_a_graph():
-    out = tiny("midpoint").generate(torch.zeros(1, 3, dtype=torch.long), 2)
+def test_generate_does_not_record_a_graph(device):
+    out = tiny("midpoint", device).generate(torch.zeros(1, 3, dtype=torch.long, device=device), 2)
     assert not out.requires_grad
 
 

@@ -1,6 +1,12 @@
 """Retrofit (paper section 4): exactness, zero-shot error vs iterations, the linear error bound, cost,
 flat activation memory, reversible gradients, KL alignment, HF GPT-2 / Llama and own-GPT conversion,
-refusals, the CLI. Models are tiny and randomly initialised (nothing is downloaded)."""
+refusals, the CLI. Models are tiny and randomly initialised (nothing is downloaded).
+
+Devices: tests that run a model take conftest's `device` fixture (CPU through Triton's interpreter,
+CUDA with the compiled kernels when present). Teachers are built on the CPU (same init everywhere),
+moved with .to(device) and then retrofitted, so the conversion itself runs on the device; token ids
+are drawn on the CPU and moved. The refusals and the CLI (which loads from disk onto the CPU) stay
+CPU-only."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")   # conftest sets it too; must precede `import triton`
@@ -57,8 +63,8 @@ def scale_updates(model, s):
     return model
 
 
-def ids(B=2, T=T, seed=1):
-    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+def ids(B=2, T=T, seed=1, device="cpu"):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 def zero_shot(teacher, student, x, **kw):
@@ -89,9 +95,9 @@ class LinearUpdate(nn.Module):
         return p @ self.W.T
 
 
-def linear_toy(L=6, d=16, w=0.2, seed=0):
+def linear_toy(L=6, d=16, w=0.2, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    return [LinearUpdate(d, w, gen) for _ in range(L)]
+    return [LinearUpdate(d, w, gen).to(device) for _ in range(L)]
 
 
 def residual_states(updates, x):
@@ -119,7 +125,7 @@ def linear_bound(updates, ps, a, k):
     one iteration (eq. 4.4) leaves a step error of O(|W|^3), each further iteration gains a factor |W|.
     """
     w = [torch.linalg.matrix_norm(f.W.detach(), 2).item() for f in updates]
-    prev = cur = torch.zeros(ps[0].shape[:-1], dtype=torch.float64)
+    prev = cur = torch.zeros(ps[0].shape[:-1], dtype=torch.float64, device=ps[0].device)
     for j in range(1, len(updates)):
         gain = abs(1 - a) + w[j] + abs(a) * w[j - 1] * sum(w[j - 1] ** i for i in range(k + 1))
         local = abs(a) * w[j - 1] ** (k + 2) * ps[j - 1].norm(dim=-1)
@@ -135,11 +141,11 @@ def linear_student(updates, a, k, x):
 
 @pytest.mark.parametrize("a", [0.5, 1.0])
 @pytest.mark.parametrize("k", [0, 1, 2])
-def test_linear_error_below_bound_and_of_order_w_pow_k_plus_2(a, k):
-    x = torch.randn(2, 5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+def test_linear_error_below_bound_and_of_order_w_pow_k_plus_2(a, k, device):
+    x = torch.randn(2, 5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(device)
     errs = []
     for w in (0.2, 0.1):
-        updates = linear_toy(w=w)
+        updates = linear_toy(w=w, device=device)
         ps = residual_states(updates, x)
         with torch.no_grad():
             err = (linear_student(updates, a, k, x) - ps[-1]).norm(dim=-1)
@@ -153,15 +159,16 @@ def test_linear_error_below_bound_and_of_order_w_pow_k_plus_2(a, k):
 
 
 @pytest.mark.parametrize("a", [0.5, -0.7, "per_layer", "per_channel"])
-def test_exact_identity_with_converged_estimate(a):
-    """With p_hat = p[j-1] (the iteration converged) eq. 4.3 reproduces the residual model for any a."""
+def test_exact_identity_with_converged_estimate(a, device):
+    """With p_hat = p[j-1] (the iteration converged) eq. 4.3 reproduces the residual model for any a
+    (a given on the CPU: the stack moves it to its updates' device)."""
     L, d = 5, 16
-    updates = linear_toy(L=L, d=d, w=0.3)
+    updates = linear_toy(L=L, d=d, w=0.3, device=device)
     if a == "per_layer":
         a = [0.5, -1.2, 0.8, 2.0, -0.3]
     elif a == "per_channel":
         a = torch.rand(L, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.25
-    x = torch.randn(2, 3, d, dtype=torch.float64)
+    x = torch.randn(2, 3, d, dtype=torch.float64, device=device)
     with torch.no_grad():
         err = (linear_student(updates, a, 60, x) - residual_states(updates, x)[-1]).abs().max()
     assert err < 1e-12
@@ -170,9 +177,9 @@ def test_exact_identity_with_converged_estimate(a):
 # ------------------------------------------------------------------ zero-shot error on transformers
 
 @pytest.mark.parametrize("make", [gpt2, llama, own_gpt], ids=["gpt2", "llama", "gpt"])
-def test_zero_shot_error_falls_with_iterations(make):
-    teacher = scale_updates(make(n_layer=4) if make is not own_gpt else make(n_layers=4), 0.3).eval()
-    x = ids()
+def test_zero_shot_error_falls_with_iterations(make, device):
+    teacher = scale_updates(make(n_layer=4) if make is not own_gpt else make(n_layers=4), 0.3).eval().to(device)
+    x = ids(device=device)
     errs = [zero_shot(teacher, reference_forward(retrofit(teacher, 0.5, k)), x) for k in (0, 1, 2, 4, 25)]
     max_err = [e[0] for e in errs]
     assert all(b < a for a, b in zip(max_err, max_err[1:4])), max_err
@@ -181,9 +188,9 @@ def test_zero_shot_error_falls_with_iterations(make):
     assert errs[4][2] < 1e-6                 # KL
 
 
-def test_zero_shot_error_tiny_for_small_updates():
-    x = ids()
-    base = gpt2(n_layer=4).eval()
+def test_zero_shot_error_tiny_for_small_updates(device):
+    x = ids(device=device)
+    base = gpt2(n_layer=4).eval().to(device)
     err = {s: zero_shot(t := scale_updates(copy.deepcopy(base), s), reference_forward(retrofit(t, 0.5, 1)), x)[0]
            for s in (0.3, 0.1)}
     assert err[0.1] < err[0.3] / 5          # step error O(|f'|^3): shrinking the updates 3x gains ~27x
@@ -193,14 +200,14 @@ def test_zero_shot_error_tiny_for_small_updates():
 # ------------------------------------------------------------------ cost, memory, gradients
 
 @pytest.mark.parametrize("k", [0, 1, 3])
-def test_block_evaluations_per_layer(k):
+def test_block_evaluations_per_layer(k, device):
     """Forward: layer 0 calls f_0 once, layer j >= 1 calls f_j once and f_{j-1} k+1 times."""
     L = 3
-    student = retrofit(gpt2(n_layer=L), 0.5, k)
+    student = retrofit(gpt2(n_layer=L).to(device), 0.5, k)
     calls = [0]
     for u in retrofit_stack(student).updates:
         u.layer.register_forward_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
-    loss = student(ids()).logits.square().mean()
+    loss = student(ids(device=device)).logits.square().mean()
     assert calls[0] == block_calls(L, k) == L + (L - 1) * (k + 1)
     loss.backward()                          # the reversible backward recomputes every F_j once
     assert calls[0] == 2 * block_calls(L, k)
@@ -217,15 +224,16 @@ def _memory(model, x):
     return saved, live
 
 
-def test_activation_memory_flat_in_depth():
-    x = ids(T=32)
+def test_activation_memory_flat_in_depth(device):
+    """Storage bytes (revkernels.memory): device independent."""
+    x = ids(T=32, device=device)
     mem = {}
     for L in (2, 8):
-        teacher = gpt2(n_layer=L).train()
+        teacher = gpt2(n_layer=L).train().to(device)
         student = retrofit(teacher, 0.5, 1)
         del teacher                          # its parameters would count as live tensors
         mem[L] = _memory(student, x)
-        mem["residual", L] = _memory(gpt2(n_layer=L).train(), x)
+        mem["residual", L] = _memory(gpt2(n_layer=L).train().to(device), x)
     for i in range(2):
         assert abs(mem[8][i] - mem[2][i]) <= 0.05 * mem[2][i], mem
         assert mem["residual", 8][i] > 2.5 * mem["residual", 2][i], mem      # the baseline grows
@@ -234,7 +242,7 @@ def test_activation_memory_flat_in_depth():
 def _grads(model, x, reversible, seed=5, **kw):
     retrofit_stack(model).reversible = reversible
     model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)                  # same dropout masks in both runs
+    torch.manual_seed(seed)                  # same dropout masks in both runs (seeds CUDA's generator too)
     model_logits(model, x, **kw).float().square().mean().backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -247,23 +255,24 @@ def _assert_same_grads(g_ref, g_rev, rtol=1e-5):
 
 
 @pytest.mark.parametrize("case", ["gpt2_dropout", "llama_padded", "gpt"])
-def test_reversible_grads_match_autograd(case):
-    x, kw = ids(), {}
+def test_reversible_grads_match_autograd(case, device):
+    """gpt2_dropout on CUDA: the recompute replays CUDA's RNG state (attention and residual dropout)."""
+    x, kw = ids(device=device), {}
     if case == "gpt2_dropout":
-        student = retrofit(gpt2(n_layer=3, dropout=0.1).train(), [0.5, 0.8, -0.6], 2)
+        student = retrofit(gpt2(n_layer=3, dropout=0.1).train().to(device), [0.5, 0.8, -0.6], 2)
     elif case == "llama_padded":
-        student = retrofit(llama(n_layer=3), 0.5, 1)
+        student = retrofit(llama(n_layer=3).to(device), 0.5, 1)
         kw["attention_mask"] = torch.ones_like(x)
         kw["attention_mask"][1, :5] = 0
     else:
-        student = retrofit(own_gpt(n_layers=3), 0.5, 1)
+        student = retrofit(own_gpt(n_layers=3).to(device), 0.5, 1)
     _assert_same_grads(_grads(student, x, False, **kw), _grads(student, x, True, **kw))
 
 
 # ------------------------------------------------------------------ alignment
 
-def test_retrofit_kl():
-    s, t = torch.randn(2, 5, V), torch.randn(2, 5, V)
+def test_retrofit_kl(device):
+    s, t = torch.randn(2, 5, V, device=device), torch.randn(2, 5, V, device=device)
     ls, lt = s.log_softmax(-1), t.log_softmax(-1)
     expected = (lt.exp() * (lt - ls)).sum(-1).mean()
     torch.testing.assert_close(retrofit_kl(s, t), expected)
@@ -271,20 +280,20 @@ def test_retrofit_kl():
     assert retrofit_kl(t, t).abs() < 1e-6
     low = retrofit_kl(s.bfloat16(), t.bfloat16())
     assert low.dtype == torch.float32
-    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask = torch.zeros(2, 5, dtype=torch.bool, device=device)
     mask[0] = True
     torch.testing.assert_close(retrofit_kl(s, t, mask=mask), (lt.exp() * (lt - ls)).sum(-1)[0].mean())
     with pytest.raises(ValueError, match="shape"):
         retrofit_kl(s, t[:, :4])
 
 
-def test_align_lowers_kl():
+def test_align_lowers_kl(device):
     tr = _hf()
     cfg = tr.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, resid_pdrop=0.0,
                         embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.2, bos_token_id=0, eos_token_id=0)
-    teacher = tr.GPT2LMHeadModel(cfg).eval()       # large init: peaked logits, a visible zero-shot KL
+    teacher = tr.GPT2LMHeadModel(cfg).eval().to(device)   # large init: peaked logits, a visible zero-shot KL
     student = retrofit(teacher, 0.5, 0)
-    batches = [torch.randint(0, 64, (2, 16))]
+    batches = [torch.randint(0, 64, (2, 16)).to(device)]
     before = evaluate_kl(student, teacher, batches)
     log = align(student, teacher, batches, steps=5, lr=3e-4, progress=False)
     after = evaluate_kl(student, teacher, batches)
@@ -296,11 +305,11 @@ def test_align_lowers_kl():
 
 # ------------------------------------------------------------------ conversions
 
-def test_gpt2_conversion_shares_nothing_and_keeps_weights():
-    teacher = gpt2(n_layer=3).eval()
+def test_gpt2_conversion_shares_nothing_and_keeps_weights(device):
+    teacher = gpt2(n_layer=3).eval().to(device)
     snapshot = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = retrofit(teacher, 0.5, 1)
-    x = ids()
+    x = ids(device=device)
     out = student(x)
     assert out.logits.shape == (2, T, V)
     out.logits.square().mean().backward()
@@ -319,9 +328,9 @@ def test_gpt2_conversion_shares_nothing_and_keeps_weights():
         student(x, use_cache=True)
 
 
-def test_llama_conversion_forward_backward_with_mask_and_rotary():
-    teacher = scale_updates(llama(n_layer=3), 0.3).eval()
-    x = ids()
+def test_llama_conversion_forward_backward_with_mask_and_rotary(device):
+    teacher = scale_updates(llama(n_layer=3), 0.3).eval().to(device)
+    x = ids(device=device)
     mask = torch.ones_like(x)
     mask[1, :4] = 0                                                           # left padding
     student = retrofit(teacher, 0.5, 25)
@@ -337,12 +346,12 @@ def test_llama_conversion_forward_backward_with_mask_and_rotary():
     assert all(p.grad is not None for p in retrofit_stack(student).parameters())
 
 
-def test_own_gpt_conversion():
-    teacher = own_gpt(n_layers=3).eval()
+def test_own_gpt_conversion(device):
+    teacher = own_gpt(n_layers=3).eval().to(device)
     student = retrofit(teacher, 0.5, 1)
     assert student.cfg.arch == "retrofit" and teacher.cfg.arch == "baseline"
     assert student.lm_head.weight is student.wte.weight
-    x = ids()
+    x = ids(device=device)
     logits, loss = student.train()(x, x)
     loss.backward()
     assert torch.isfinite(loss) and student.wte.weight.grad is not None
