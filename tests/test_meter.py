@@ -122,12 +122,12 @@ def test_hamiltonian_q0_shape_checked():
 
 
 @pytest.mark.parametrize("arch", ["leapfrog", "hamiltonian"])
-def test_gpt_config_max_reconstruction_error_reaches_the_stack(arch):
+def test_gpt_config_max_reconstruction_error_reaches_the_stack(arch, device):
     cfg = rk.GPTConfig(vocab_size=32, seq_len=8, d_model=D, n_heads=HEADS, n_layers=4, arch=arch,
                        max_reconstruction_error=1e-12, **({"ham_a": -1.0} if arch == "hamiltonian" else {}))
-    model = rk.GPT(cfg)
+    model = rk.GPT(cfg).to(device)
     assert model.body.max_reconstruction_error == 1e-12
-    idx = torch.randint(0, 32, (2, 8))
+    idx = torch.randint(0, 32, (2, 8)).to(device)
     with pytest.raises(RuntimeError, match="max_reconstruction_error"):
         model(idx, idx)[1].backward()
     with pytest.raises(ValueError, match="max_reconstruction_error needs a reversible arch"):
