@@ -215,7 +215,7 @@ def fused_path(device: torch.device) -> str:
     from .. import ops
     if device.type == "cuda":
         return "Triton"
-    return "Triton interpreter" if ops.HAS_TRITON and ops.INTERPRET else "PyTorch reference (no Triton on CPU)"
+    return "Triton interpreter" if ops.HAS_TRITON and ops.INTERPRET else "PyTorch fallback, revkernels.fallback"
 
 
 def header(ctx: Context, title: str) -> str:

@@ -8,8 +8,8 @@ its caches); copies at each benchmarked size are recorded too. CUDA: triton.test
 runs), median and p20/p80; CPU: time.perf_counter. Rows follow Liger-Kernel's schema.
 
 Providers: `revkernels` (the public op: Triton on CUDA; on a CPU the Triton interpreter under
-TRITON_INTERPRET=1, else the PyTorch reference -- the same code as `eager`, so it is not timed twice),
-`eager` (revkernels.reference, plain PyTorch), `compile` (torch.compile of that same function).
+TRITON_INTERPRET=1, else revkernels.fallback, the same formulas in place), `eager` (revkernels.reference,
+plain PyTorch with temporaries), `compile` (torch.compile of that same function).
 
 On a CPU the report gives times only, as points at one size: bandwidth figures describe the fused
 GPU kernels, which do not run there. There every (op, provider) and a copy of the same elements are
@@ -132,7 +132,7 @@ def _measure_op(ctx, p, op, n, compiled, skipped) -> list:
         skipped.append(f"{at}: does not fit in free device memory")
         return []
     args = op.inputs(n // p["d"], p["d"], ctx.device)
-    providers = {"eager": op.math} if reference_only(ctx) else {"revkernels": op.fused, "eager": op.math}
+    providers = {"revkernels": op.fused, "eager": op.math}
     if compiled:
         providers["compile"] = compiled[op.name]
     rows = []
@@ -176,11 +176,6 @@ def _tiles_markdown(ctx) -> str:
            else "the interpreter's fixed tile: nothing is tuned on a CPU")
     return (f"Tiles ({how}; `revkernels.ops.tuned_config(op, D, dtype)`):\n\n"
             + markdown_table(list(TILE_COLUMNS[:-1]), [[r[c] for c in TILE_COLUMNS[:-1]] for r in rows]))
-
-
-def reference_only(ctx) -> bool:
-    """True where the public ops run the PyTorch reference (the `eager` code itself)."""
-    return fused_path(ctx.device).startswith("PyTorch")
 
 
 def run(ctx) -> str:
@@ -227,7 +222,7 @@ def _measure_cpu(ctx, p, compiled, skipped) -> list:
     fns = {("copy", "torch"): lambda: dst.copy_(src)}
     for op in OPS:
         args = op.inputs(n // p["d"], p["d"], ctx.device)
-        providers = {"eager": op.math} if reference_only(ctx) else {"revkernels": op.fused, "eager": op.math}
+        providers = {"revkernels": op.fused, "eager": op.math}
         if compiled:
             providers["compile"] = compiled[op.name]
         for provider, fn in providers.items():
@@ -246,11 +241,6 @@ def _measure_cpu(ctx, p, compiled, skipped) -> list:
                  **dict(zip(("median", "p20", "p80"), quantiles(ms)))) for (op, provider), ms in times.items()]
 
 
-def reference_only(ctx) -> bool:
-    """True where the public ops run the PyTorch reference (the `eager` code itself)."""
-    return fused_path(ctx.device).startswith("PyTorch")
-
-
 def _ms(rows, op, provider, n):
     want = (op, provider, n, "time_ms")
     return next((r for r in rows if (r["op"], r["provider"], r["x"], r["metric"]) == want), None)
@@ -262,27 +252,25 @@ def _ms_cell(r):
 
 def _cpu_markdown(ctx, p, rows, skipped) -> str:
     n = max(p["sizes"])
-    providers = ["eager", "compile"] if reference_only(ctx) else ["revkernels", "eager", "compile"]
+    providers = ["revkernels", "eager", "compile"]
     table = []
     for op in OPS:
         cells = [_ms(rows, op.name, prov, n) for prov in providers]
-        eager, comp = _ms(rows, op.name, "eager", n), _ms(rows, op.name, "compile", n)
-        speed = f"{eager['median'] / comp['median']:.2f}x" if eager and comp else "—"
-        table.append([op.name] + [_ms_cell(c) for c in cells] + [speed])
-    header = ["op"] + [f"{prov} ms (p20-p80)" for prov in providers] + ["compile vs eager"]
+        ours, eager, comp = cells
+        ratio = [f"{eager['median'] / other['median']:.2f}x" if eager and other else "—" for other in (ours, comp)]
+        table.append([op.name] + [_ms_cell(c) for c in cells] + ratio)
+    header = ["op"] + [f"{prov} ms (p20-p80)" for prov in providers] + ["revkernels vs eager", "compile vs eager"]
     copy = _ms(rows, "copy", "torch", n)
     skipped_note = "".join(f"\n- skipped: {s}" for s in skipped)
-    what = ("the PyTorch reference, i.e. the `eager` column itself (no Triton on a CPU)" if reference_only(ctx)
-            else f"the {fused_path(ctx.device)}")
     return f"""
-On this CPU the public ops run {what}, so this table times the plain-PyTorch math and its
-torch.compile at one size ({n / 2 ** 20:g}M elements, tensors ({n // p['d']}, {p['d']}), fp32 states, bf16 f,
-scalar coefficients; every (op, provider) and the copy timed interleaved, {p['rounds']} rounds of
-{p['per_round']} calls after {p['warmup']} warm-up calls; median and p20-p80 over the rounds). It makes no bandwidth
-claim: the fused kernels are GPU code. For scale, a torch copy_ of {n / 2 ** 20:g}M fp32 elements takes
-{_ms_cell(copy)} ms here. These ops are memory bound: on a CPU shared with other work the eager times
-move between runs (up to ~2x, with the machine's memory traffic and the allocator's page faults), while
-the interleaving keeps the ops of one run comparable with each other.
+On this CPU the public ops (`revkernels`) run the {fused_path(ctx.device)}; `eager` is the same math in plain
+PyTorch with temporaries (revkernels.reference), `compile` its torch.compile. One size ({n / 2 ** 20:g}M elements,
+tensors ({n // p['d']}, {p['d']}), fp32 states, bf16 f, scalar coefficients); every (op, provider) and the copy
+timed interleaved, {p['rounds']} rounds of {p['per_round']} calls after {p['warmup']} warm-up calls; median and
+p20-p80 over the rounds. It makes no bandwidth claim: the fused kernels are GPU code. For scale, a torch copy_ of
+{n / 2 ** 20:g}M fp32 elements takes {_ms_cell(copy)} ms here. These ops are memory bound: on a CPU shared with
+other work the times move between runs (up to ~2x, with the machine's memory traffic and the allocator's page
+faults), while the interleaving keeps the ops of one run comparable with each other.
 
 {markdown_table(header, table)}
 {skipped_note}
@@ -297,7 +285,7 @@ math in PyTorch eager.
 def _cpu_plot(ctx, p, rows):
     n = max(p["sizes"])
     fig, (ax,) = figure(1, ctx, f"Time per call at {n / 2 ** 20:g}M elements (fp32 states, bf16 f)", width=7.5)
-    providers = ["eager", "compile"] if reference_only(ctx) else ["revkernels", "eager", "compile"]
+    providers = ["revkernels", "eager", "compile"]
     for i, (prov, marker) in enumerate(zip(providers, ("o", "s", "^"))):
         pts = [(j + 0.12 * (i - 1), _ms(rows, op.name, prov, n)) for j, op in enumerate(OPS)]
         pts = [(x, r) for x, r in pts if r is not None]
@@ -345,10 +333,8 @@ def _markdown(ctx, p, rows, skipped) -> str:
               "revkernels / copy", "vs eager", "vs compile"]
     bytes_note = ", ".join(f"{op.name} {op.bytes_per_elem}" for op in OPS)
     skipped_note = "".join(f"\n- skipped: {s}" for s in skipped)
-    same_code = (" (the same code as `eager`: their gap is timing noise and op overhead)"
-                 if fused_path(ctx.device).startswith("PyTorch") else "")
     return f"""
-Fused path on this device: **{fused_path(ctx.device)}**{same_code}. Tensors of shape (elements / {p['d']}, {p['d']}),
+Fused path on this device: **{fused_path(ctx.device)}**. Tensors of shape (elements / {p['d']}, {p['d']}),
 scalar coefficients. Bytes counted per element: {bytes_note}; copy 8.
 Reference: copy bandwidth **{copy_bw:.1f} GB/s** (torch copy_, fp32, {copy_n / 2 ** 20:g}M elements, read + write).
 
