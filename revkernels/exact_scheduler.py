@@ -27,7 +27,7 @@ from torch.autograd.function import once_differentiable
 from . import reference_exact as ref
 from .exact_ops import exact_backward_step_, exact_coupling_, exact_three_term_, new_flag, raise_flags
 from .fixed_point import FRAC_BITS, SCALE, dyadic_parts, from_grid, side_bytes, to_grid
-from .replay import AutocastState, ForwardContext
+from .replay import AmbientState, ForwardContext
 from .scheduler import (StackRun, _add_, _ordered_param_grads, _recompute, _refuse_second_backward, block_vjp,
                         checked_update)
 
@@ -77,7 +77,7 @@ class ExactThreeTermFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, coefs: ExactCoefs, run: StackRun, report, *params):
-        autocast = AutocastState.capture(x.device)
+        ambient = AmbientState.capture(x.device)
         prev = to_grid(x)                                              # P[-1]
         cur = prev.clone()                                             # P[0]
         flag, fwd_ctxs, sides = new_flag(x.device), [], []
@@ -93,7 +93,7 @@ class ExactThreeTermFunction(torch.autograd.Function):
         raise_flags(flag, "the exact forward")
         report.last_side_info_bytes = coefs.side_info_bytes(x.numel())
         ctx.run, ctx.coefs, ctx.report, ctx.sides = run, coefs, report, sides
-        ctx.fwd_ctxs, ctx.autocast, ctx.x_dtype = fwd_ctxs, autocast, x.dtype
+        ctx.fwd_ctxs, ctx.ambient, ctx.x_dtype = fwd_ctxs, ambient, x.dtype
         ctx.save_for_backward(prev, cur, x)                            # P[L-1], P[L], x (for the meter)
         return _output(cur, x.dtype)
 
@@ -108,7 +108,7 @@ class ExactThreeTermFunction(torch.autograd.Function):
         gB = torch.zeros_like(gA)
         flag, param_grads = new_flag(A.device), []
         for j in reversed(range(len(run.blocks))):
-            inp, f = _recompute(run, j, from_grid(B), ctx.fwd_ctxs[j], ctx.autocast)
+            inp, f = _recompute(run, j, from_grid(B), ctx.fwd_ctxs[j], ctx.ambient)
             gf = exact_backward_step_(A, B, f.detach(), gA, gB, coefs.m[j], coefs.k[j], coefs.c[j],
                                       ctx.sides[j], flag)     # A <- P[j-1]
             ctx.sides[j] = None
@@ -127,7 +127,7 @@ class ExactHamiltonianFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a: int, b: int, run: StackRun, report, *params):
-        autocast = AutocastState.capture(x.device)
+        ambient = AmbientState.capture(x.device)
         q = to_grid(x)
         p = q.clone()
         flag, fwd_ctxs = new_flag(x.device), []
@@ -138,8 +138,8 @@ class ExactHamiltonianFunction(torch.autograd.Function):
             exact_coupling_(p, p, checked_update(run.blocks[l + 1], l + 1, from_grid(q)), b, flag)    # P[l]
         raise_flags(flag, "the exact forward")
         report.last_side_info_bytes = 0
-        ctx.run, ctx.report, ctx.fwd_ctxs, ctx.autocast, ctx.x_dtype, ctx.a, ctx.b = (
-            run, report, fwd_ctxs, autocast, x.dtype, a, b)
+        ctx.run, ctx.report, ctx.fwd_ctxs, ctx.ambient, ctx.x_dtype, ctx.a, ctx.b = (
+            run, report, fwd_ctxs, ambient, x.dtype, a, b)
         ctx.save_for_backward(q, p, x)
         return _output(p, x.dtype)
 
@@ -154,10 +154,10 @@ class ExactHamiltonianFunction(torch.autograd.Function):
         flag, param_grads = new_flag(p.device), []
         for l in reversed(range(0, len(run.blocks), 2)):
             grads_m, grads_g = [], []
-            inp, m = _recompute(run, l + 1, from_grid(q), ctx.fwd_ctxs[l + 1], ctx.autocast)
+            inp, m = _recompute(run, l + 1, from_grid(q), ctx.fwd_ctxs[l + 1], ctx.ambient)
             _add_(gq, block_vjp(run, l + 1, m, inp, gp.to(m.dtype), grads_m))      # dL/dQ[l] complete
             exact_coupling_(p, p, m.detach(), b, flag, inverse=True, gx=gp)          # P[l-1], gp <- b*gp
-            inp, g = _recompute(run, l, from_grid(p), ctx.fwd_ctxs[l], ctx.autocast)
+            inp, g = _recompute(run, l, from_grid(p), ctx.fwd_ctxs[l], ctx.ambient)
             _add_(gp, block_vjp(run, l, g, inp, gq.to(g.dtype), grads_g))          # dL/dP[l-1] complete
             exact_coupling_(q, q, g.detach(), a, flag, inverse=True, gx=gq)          # Q[l-1], gq <- a*gq
             param_grads += [grads_m, grads_g]

@@ -1,4 +1,5 @@
-"""Replaying a block's forward conditions in the backward recompute: RNG states and autocast."""
+"""Replaying a block's forward conditions in the backward recompute: RNG states, autocast and the
+enabled SDPA backends."""
 import contextlib
 from dataclasses import dataclass
 from typing import Optional
@@ -35,16 +36,45 @@ class ForwardContext:
             yield
 
 
+_SDP_BACKENDS = {  # torch.nn.attention.SDPBackend name -> whether it is enabled now
+    "FLASH_ATTENTION": torch.backends.cuda.flash_sdp_enabled,
+    "EFFICIENT_ATTENTION": torch.backends.cuda.mem_efficient_sdp_enabled,
+    "MATH": torch.backends.cuda.math_sdp_enabled,
+    "CUDNN_ATTENTION": torch.backends.cuda.cudnn_sdp_enabled,
+}
+
+
+def enabled_sdp_backends() -> tuple:
+    """The scaled_dot_product_attention backends enabled now (what `torch.nn.attention.sdpa_kernel`
+    restricts), by SDPBackend name."""
+    return tuple(name for name, enabled in _SDP_BACKENDS.items() if enabled())
+
+
 @dataclass(frozen=True)
-class AutocastState:
+class AmbientState:
+    """The settings around a forward call that change a block's arithmetic: autocast (device type,
+    enabled, dtype) and the enabled SDPA backends. A backward run outside the forward's
+    `torch.autocast` / `sdpa_kernel` context recomputes under the forward's."""
     device_type: str
     enabled: bool
     dtype: torch.dtype
+    sdp_backends: tuple
 
     @staticmethod
-    def capture(device: torch.device) -> "AutocastState":
+    def capture(device: torch.device) -> "AmbientState":
         dt = device.type
-        return AutocastState(dt, torch.is_autocast_enabled(dt), torch.get_autocast_dtype(dt))
+        # A traced forward (whole-model compile) cannot read the flags; its backward keeps the traced ones.
+        backends = () if torch.compiler.is_compiling() else enabled_sdp_backends()
+        return AmbientState(dt, torch.is_autocast_enabled(dt), torch.get_autocast_dtype(dt), backends)
 
     def replay(self):
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+        """The forward's autocast, and its SDPA backends when they differ from the enabled ones (a backward
+        outside the forward's sdpa_kernel). The common case enters autocast alone."""
+        autocast = torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+        if not self.sdp_backends or self.sdp_backends == enabled_sdp_backends():
+            return autocast
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        stack = contextlib.ExitStack()
+        stack.enter_context(autocast)
+        stack.enter_context(sdpa_kernel([getattr(SDPBackend, name) for name in self.sdp_backends]))
+        return stack

@@ -17,7 +17,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .ops import backward_step_, coupling_, three_term_
-from .replay import AutocastState, ForwardContext
+from .replay import AmbientState, ForwardContext
 
 
 @dataclass
@@ -96,13 +96,14 @@ def _fsdp2_rearm(block):
             state._training_state = TrainingState.IDLE
 
 
-def _recompute(run, j, state, fwd_ctx, autocast):
-    """(input leaf, output) of block j's update at `state` with grad, under the forward's RNG and autocast."""
+def _recompute(run, j, state, fwd_ctx, ambient):
+    """(input leaf, output) of block j's update at `state` with grad, under the forward's RNG, autocast
+    and SDPA backends."""
     block = run.blocks[j]
     if run.fsdp2[j]:
         _fsdp2_rearm(block)
     inp = state.detach().requires_grad_(True)
-    with torch.enable_grad(), fwd_ctx.replay(), autocast.replay():
+    with torch.enable_grad(), fwd_ctx.replay(), ambient.replay():
         out = block(inp)
     return inp, out
 
@@ -243,7 +244,7 @@ class ThreeTermFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a, c, run: StackRun, *params):
-        autocast = AutocastState.capture(x.device)
+        ambient = AmbientState.capture(x.device)
         prev, cur = _initial_states(x, run.state_dtype)                # p[-1], p[0]
         fwd_ctxs = []
         with torch.no_grad():
@@ -251,7 +252,7 @@ class ThreeTermFunction(torch.autograd.Function):
                 fwd_ctxs.append(ForwardContext.capture(x.device, run.preserve_rng))
                 three_term_(prev, prev, cur, checked_update(block, j, cur), a[j], c[j])   # prev <- p[j+1]
                 prev, cur = cur, prev
-        ctx.run, ctx.fwd_ctxs, ctx.autocast, ctx.x_dtype = run, fwd_ctxs, autocast, x.dtype
+        ctx.run, ctx.fwd_ctxs, ctx.ambient, ctx.x_dtype = run, fwd_ctxs, ambient, x.dtype
         ctx.save_for_backward(prev, cur, a, c, x)                      # p[L-1], p[L]; x for the meter
         return _output(cur, x.dtype)
 
@@ -268,7 +269,7 @@ class ThreeTermFunction(torch.autograd.Function):
         da, dc, param_grads = [], [], []
         pending = None              # J_{j+1}^T gf of the layer above: the part of gA not yet added
         for j in reversed(range(len(run.blocks))):
-            inp, f = _recompute(run, j, B, ctx.fwd_ctxs[j], ctx.autocast)
+            inp, f = _recompute(run, j, B, ctx.fwd_ctxs[j], ctx.ambient)
             gf, da_j, dc_j = backward_step_(A, B, f.detach(), gA, gB, a[j], c[j], coef_grads, g_pending=pending)
             grads_j = []
             pending = block_vjp(run, j, f, inp, gf, grads_j)
@@ -293,7 +294,7 @@ class HamiltonianFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, p0, q0, a, b, run: StackRun, *params):
-        autocast = AutocastState.capture(p0.device)
+        ambient = AmbientState.capture(p0.device)
         q, p = _state_copy(q0, run.state_dtype), _state_copy(p0, run.state_dtype)
         fwd_ctxs = []
         with torch.no_grad():
@@ -302,7 +303,7 @@ class HamiltonianFunction(torch.autograd.Function):
                 coupling_(q, q, checked_update(run.blocks[l], l, p), a)                 # q <- a*q + G(p)
                 fwd_ctxs.append(ForwardContext.capture(p0.device, run.preserve_rng))
                 coupling_(p, p, checked_update(run.blocks[l + 1], l + 1, q), b)             # p <- b*p + M(q)
-        ctx.run, ctx.fwd_ctxs, ctx.autocast, ctx.a, ctx.b = run, fwd_ctxs, autocast, a, b
+        ctx.run, ctx.fwd_ctxs, ctx.ambient, ctx.a, ctx.b = run, fwd_ctxs, ambient, a, b
         ctx.dtypes = (p0.dtype, q0.dtype)
         ctx.save_for_backward(q, p, p0, q0)
         return _output(q, q0.dtype), _output(p, p0.dtype)
@@ -319,10 +320,10 @@ class HamiltonianFunction(torch.autograd.Function):
         param_grads = []
         for l in reversed(range(0, len(run.blocks), 2)):
             grads_m, grads_g = [], []
-            inp, m = _recompute(run, l + 1, q, ctx.fwd_ctxs[l + 1], ctx.autocast)
+            inp, m = _recompute(run, l + 1, q, ctx.fwd_ctxs[l + 1], ctx.ambient)
             _add_(gq, block_vjp(run, l + 1, m, inp, gp.to(m.dtype), grads_m))    # dL/dq[l] complete
             coupling_(p, p, m.detach(), b, inverse=True, gx=gp)              # p <- p[l-1], gp <- b*gp
-            inp, g = _recompute(run, l, p, ctx.fwd_ctxs[l], ctx.autocast)
+            inp, g = _recompute(run, l, p, ctx.fwd_ctxs[l], ctx.ambient)
             _add_(gp, block_vjp(run, l, g, inp, gq.to(g.dtype), grads_g))            # dL/dp[l-1] complete
             coupling_(q, q, g.detach(), a, inverse=True, gx=gq)              # q <- q[l-1], gq <- a*gq
             param_grads += [grads_m, grads_g]

@@ -42,6 +42,7 @@ import torch  # noqa: E402
 
 import revkernels as rk  # noqa: E402
 from revkernels import ops  # noqa: E402
+from revkernels.replay import enabled_sdp_backends  # noqa: E402
 
 EPS32 = torch.finfo(torch.float32).eps
 EPS64 = torch.finfo(torch.float64).eps
@@ -429,6 +430,33 @@ def test_bf16_recompute_uses_forward_autocast_state(scheme, device, hardware_bf1
     rev16 = run(stack, x, True, bf16=True)
     assert max(rel_errors(ref16, ref32).values()) > 1e-3
     assert_agree(rev16, ref16, 10 * rtol_for(stack, 4))
+
+
+class SdpBackendSpy(torch.nn.Module):
+    """A transformer block that records the SDPA backends enabled at each call."""
+
+    def __init__(self, seen):
+        super().__init__()
+        self.block, self.seen = rk.TransformerBlock(D, 2), seen
+
+    def forward(self, x):
+        self.seen.append(enabled_sdp_backends())
+        return self.block(x)
+
+
+def test_recompute_uses_forward_sdpa_backends(device):
+    """backward() outside the forward's `sdpa_kernel` context recomputes with the forward's attention
+    backends (another kernel would rebuild the states from a differently rounded f), and leaves the
+    caller's backends as they were."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    seen, outside = [], enabled_sdp_backends()
+    stack = rk.ReversibleStack([SdpBackendSpy(seen) for _ in range(2)], h=0.5).to(device)
+    x = inputs(device).requires_grad_(True)
+    with sdpa_kernel([SDPBackend.MATH]):
+        y = stack(x)
+    y.sum().backward()
+    assert seen == [("MATH",)] * 4 and x.grad is not None      # two forward calls, two recomputes
+    assert enabled_sdp_backends() == outside and "MATH" in outside and len(outside) > 1
 
 
 # ----------------------------------------------------------------------------- float64 states
