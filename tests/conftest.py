@@ -16,17 +16,26 @@ import pytest  # noqa: E402
 torch.set_num_threads(1)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Modules that test the fused ops' CPU path without the interpreter (revkernels.fallback) as well override
+# `device` with these params; on a CUDA machine the interpreter is off and `cpu` is that path already.
+FALLBACK = "cpu-fallback"
+DEVICES_AND_FALLBACK = DEVICES + ([FALLBACK] if os.environ["TRITON_INTERPRET"] == "1" else [])
 
 
-@pytest.fixture(params=DEVICES)
-def device(request):
-    """Each test taking `device` runs on the CPU, and on CUDA when there is one.
+def select_device(param, monkeypatch):
+    """The device of fixture param `param` for the duration of a test.
 
     On CUDA, fp32 matmuls are pinned to IEEE fp32 (no TF32) for the test, whatever an earlier test or
     import set: the fp32 tolerances are rounding bounds in eps32 = 1.2e-7, which TF32's 10-bit
-    mantissa (eps 1e-3) would exceed by four orders of magnitude."""
-    if request.param != "cuda":
-        yield torch.device(request.param)
+    mantissa (eps 1e-3) would exceed by four orders of magnitude. FALLBACK is the CPU with the fused
+    ops routed to revkernels.fallback instead of the interpreter."""
+    if param == FALLBACK:
+        from revkernels import ops
+        monkeypatch.setattr(ops, "INTERPRET", False)
+        yield torch.device("cpu")
+        return
+    if param != "cuda":
+        yield torch.device(param)
         return
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
@@ -34,6 +43,12 @@ def device(request):
         yield torch.device("cuda")
     finally:
         torch.set_float32_matmul_precision(precision)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request, monkeypatch):
+    """Each test taking `device` runs on the CPU, and on CUDA when there is one (see select_device)."""
+    yield from select_device(request.param, monkeypatch)
 
 
 @pytest.fixture(autouse=True)

@@ -51,7 +51,7 @@ import pytest
 import torch
 
 import revkernels as rk
-from conftest import DEVICES
+from conftest import DEVICES_AND_FALLBACK, select_device
 from revkernels import ops, tiles
 from revkernels import reference as ref
 
@@ -71,14 +71,10 @@ COEF_PAIRS = [("float", "float"), ("0d", "0d"), ("channel", "channel"), ("float"
 WORST = {}  # largest err / bound seen per quantity (for reporting; the asserts are what count)
 
 
-@pytest.fixture(params=[*DEVICES, "cpu-fallback"])
+@pytest.fixture(params=DEVICES_AND_FALLBACK)
 def device(request, monkeypatch):
-    """Each test taking `device` runs the kernels on the CPU (interpreter) and on CUDA when there is one,
-    and once more on the CPU through revkernels.fallback, what a CPU without the interpreter runs."""
-    if request.param == "cpu-fallback":
-        monkeypatch.setattr(ops, "INTERPRET", False)
-        return torch.device("cpu")
-    return torch.device(request.param)
+    """The kernels on the CPU (interpreter) and on CUDA when there is one, and revkernels.fallback."""
+    yield from select_device(request.param, monkeypatch)
 
 
 def matrix(pairs):
@@ -115,7 +111,7 @@ def assert_within(actual, expected, bound, what):
 def lowp_err(v, dtype):
     """Bound on rounding the fp32 value v to `dtype`, to nearest or toward zero: 2 u_low |v|, plus one
     subnormal spacing of `dtype` (relative error is unbounded there: fp16 below 6e-5): the rule's atol."""
-    if dtype == torch.float32:
+    if dtype in (torch.float32, torch.float64):
         return torch.zeros_like(v)
     fi = torch.finfo(dtype)
     return 2 * U_LOW[dtype] * v.abs() + fi.tiny * fi.eps
@@ -701,20 +697,39 @@ def test_coefficient_dtypes_and_strides(device, coef):
 
 
 def test_float64_states_use_the_reference_formulas(device):
-    """float64 states take the PyTorch path in float64 (no fp32 rounding anywhere)."""
+    """float64 states take the PyTorch path in float64 (no fp32 rounding anywhere): every output within
+    the fp32 bounds of NUMERICS scaled to float64's unit roundoff (S = u64 / u)."""
     shape = (3, 17, 40)
-    x, y, f, g = (torch.randn(shape, dtype=torch.float64, device=device) for _ in range(4))
+    x, y, f, g, h = (torch.randn(shape, dtype=torch.float64, device=device) for _ in range(5))
     a = torch.rand(40, dtype=torch.float64, device=device) + 0.5
-    u64 = 2.0 ** -53
+    S = 2.0 ** -53 / U
     z = rk.rev_step(x, y, f, a, 0.3)
     assert z.dtype == torch.float64
-    assert_within(z, a * x + (1 - a) * y + 0.3 * f, 2 * (u64 / U) * step_err(x, y, f, a, 0.3), "float64 rev_step")
+    assert_within(z, a * x + (1 - a) * y + 0.3 * f, 2 * S * step_err(x, y, f, a, 0.3), "float64 rev_step")
+    back = ref.rev_inverse(z, y, f, a, 0.3)
+    assert_within(rk.rev_inverse(z, y, f, a, 0.3), back, 2 * S * inverse_err(z, y, f, a, 0.3, back),
+                  "float64 rev_inverse")
+    assert_within(rk.coupling_step(x, y, a), ref.coupling_step(x, y, a),
+                  2 * S * 3 * U * (a.abs() * x.abs() + y.abs()), "float64 coupling_step")
     x2, gx = x.clone(), g.clone()
     rk.coupling_backward_step(x2, y, gx, a)
-    assert_within(gx, a * g, u64 * (a * g).abs(), "float64 coupling_backward gx")  # was rounded to fp32
-    A, gA, gB = x.clone(), y.clone(), f.clone()
-    gf, da, dc = rk.rev_backward_step(A, g, f, gA, gB, a, 0.3, coef_grads=True)
-    assert gf.dtype == torch.float64 and da.shape == (40,) and dc.shape == ()
+    assert_within(x2, ref.coupling_inverse(x, y, a), 2 * S * (U * (x.abs() + y.abs()) / a.abs() + 2 * U * x2.abs()),
+                  "float64 coupling_inverse")
+    assert_within(gx, a * g, 2 * S * U * (a * g).abs(), "float64 coupling_backward gx")  # was rounded to fp32
+    for pending in (None, h):
+        A, gA, gB = x.clone(), g.clone(), y.clone()
+        got = rk.rev_backward_step(A, f, y, gA, gB, a, 0.3, coef_grads=True, g_pending=pending)
+        r = ref.rev_backward_step(x, f, y, g, y, a, 0.3, coef_grads=True, g_pending=pending)
+        # with g_pending, g = gA + g_pending carries one more rounding: bounds taken on |gA| + |g_pending|
+        g_abs = g.abs() if pending is None else g.abs() + pending.abs()
+        bounds = backward_step_bounds(x, f, y, g_abs, y, a, 0.3, r)
+        for what, value, want, bound in zip(("A", "gA", "gB", "gf", "da", "dc"), (A, gA, gB, *got), r, bounds):
+            if what in ("da", "dc"):    # coefficient gradients are fp32 by contract: one more rounding
+                assert value.dtype == torch.float32, what
+                bound = bound + U * d64(want).abs() / (2 * S)
+            else:
+                assert value.dtype == torch.float64, what
+            assert_within(value, want, 4 * S * bound, f"float64 backward {what}, g_pending={pending is not None}")
 
 
 def test_meta_tensors_propagate_shapes():

@@ -24,8 +24,9 @@ L is floored at 4: even at depth 1 the two runs sum gradients in different order
 K = 3 for midpoint, midpoint_a and hamiltonian, 2 for leapfrog (whose L^2 is already generous).
 The measured errors sit 4-90x below these bounds (each test says what it measured).
 
-Devices: every test that runs a stack takes conftest's `device` fixture (CPU through Triton's
-interpreter; CUDA with the compiled kernels, CUDA RNG replay and CUDA autocast when a GPU is present).
+Devices: every test that runs a stack takes the `device` fixture (CPU through Triton's interpreter, and
+once more with the fused ops on revkernels.fallback; CUDA with the compiled kernels, CUDA RNG replay and
+CUDA autocast when a GPU is present).
 Weights and inputs are drawn on the CPU from fixed seeds and moved, so both devices see the same
 values. The bounds above are fp32 rounding bounds and hold for CUDA's fp32 too (the `device` fixture
 keeps TF32 off); the measurements quoted were taken on the CPU. Tests of the stacks' bookkeeping
@@ -43,6 +44,7 @@ import torch  # noqa: E402
 import revkernels as rk  # noqa: E402
 from revkernels import ops  # noqa: E402
 from revkernels.replay import enabled_sdp_backends  # noqa: E402
+from conftest import DEVICES_AND_FALLBACK, select_device  # noqa: E402
 
 EPS32 = torch.finfo(torch.float32).eps
 EPS64 = torch.finfo(torch.float64).eps
@@ -56,6 +58,13 @@ DEPTHS = (1, 2, 3, 8, 9, 32)  # odd and even
 #  midpoint_a's oscillating root -a_j grows whenever |a_j| > 1; a small c = h = 0.1 feeds little of
 #    f into it (h = 0.5 lets states reach ~40 for some draws).
 H = {"midpoint": 0.5, "leapfrog": 0.25, "midpoint_a": 0.1}
+
+
+@pytest.fixture(params=DEVICES_AND_FALLBACK)
+def device(request, monkeypatch):
+    """CPU (the kernels under the interpreter), CUDA when there is one, and the CPU through
+    revkernels.fallback, what a CPU without the interpreter runs."""
+    yield from select_device(request.param, monkeypatch)
 
 
 # ----------------------------------------------------------------------------- helpers
