@@ -1,6 +1,7 @@
 """The fused ops on tensors the Triton kernels do not take (a CPU without the interpreter, float64
 states): the formulas of ``revkernels.reference`` written in place, so each op makes a few passes over
-its buffers and allocates nothing the size of a state.
+its buffers and allocates nothing the size of a state beyond its outputs (the coefficient gradients,
+when asked for, take temporaries as the reference does).
 
 The same equations as the kernels (DESIGN section 1), computed in the state dtype (fp32 or float64):
 
@@ -69,7 +70,7 @@ def backward_step_(A, B, f, gA, gB, g_pending, a, c, coef_grads):
     a, c = _coef(a, A), _coef(c, A)
     g = gA if g_pending is None else gA.add_(g_pending)                 # gA's buffer holds g until its update
     _add_scaled_(_add_scaled_(A, B, 1 - a, -1.0), f, c, -1.0).div_(a)   # A <- p[j-1]
-    gf = torch.mul(g, c, out=torch.empty_like(f))
+    gf = torch.mul(g, c, out=torch.empty(f.shape, dtype=f.dtype, device=f.device))   # contiguous, as the kernel's
     _add_scaled_(gB, g, 1 - a)
     da = dc = None
     if coef_grads:

@@ -2,8 +2,8 @@
 
 Each revision is checked out (git worktree, detached) and served by its own worker process; the
 workers are driven in turn, never at once: `rounds` rounds, each timing `steps` steps of every
-(revision, arch), the order reversed every other round, so a load change on a shared machine hits
-every cell alike. Reported: the median ms per step of each cell and, per revision, each arch's ratio
+(revision, arch), the two revisions of an arch back to back (which one first alternates by round) and
+the archs' order reversed every other round, so a load change on a shared machine hits every cell alike. Reported: the median ms per step of each cell and, per revision, each arch's ratio
 to `baseline` and to `checkpoint`.
 
     python scripts/compare_revisions.py BEFORE AFTER [--archs ...] [--out FILE.md]
@@ -20,7 +20,9 @@ import tempfile
 
 WORKER = r"""
 import json, sys, time, torch
+import revkernels
 from revkernels.models import GPT, GPTConfig
+print(json.dumps(revkernels.__file__), flush=True)
 shape, threads = json.loads(sys.argv[1]), int(sys.argv[2])
 torch.set_num_threads(threads)
 torch.manual_seed(0)
@@ -55,6 +57,7 @@ def worker(rev, shape, threads):
     env["PYTHONPATH"] = tree
     proc = subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(shape), str(threads)], cwd=tree, env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    print(f"{rev}: {json.loads(proc.stdout.readline())}")     # the copy this worker imported
     return tree, proc
 
 
@@ -74,15 +77,18 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", help="also write the markdown table here")
     args = ap.parse_args()
+    if not {"baseline", "checkpoint"} <= set(args.archs):
+        ap.error("--archs must include baseline and checkpoint (the ratios' denominators)")
     shape = dict(vocab_size=256, seq_len=128, d_model=256, n_heads=4, n_layers=8, batch=8)
     revs = {"before": args.before, "after": args.after}
     workers = {name: worker(rev, shape, args.threads) for name, rev in revs.items()}
-    cells = [(name, arch) for name in revs for arch in args.archs]
-    times = {cell: [] for cell in cells}
+    times = {(name, arch): [] for name in revs for arch in args.archs}
     try:
         for r in range(args.rounds):
-            for name, arch in (cells if r % 2 == 0 else cells[::-1]):
-                times[(name, arch)].append(time_cell(workers[name][1], arch, args.steps))
+            names = list(revs) if r % 2 == 0 else list(revs)[::-1]
+            for arch in (args.archs if r % 4 < 2 else args.archs[::-1]):
+                for name in names:
+                    times[(name, arch)].append(time_cell(workers[name][1], arch, args.steps))
     finally:
         for tree, proc in workers.values():
             proc.stdin.close()

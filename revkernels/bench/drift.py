@@ -38,8 +38,7 @@ PRESETS = {
 }
 COLUMNS = ("scheme", "n_layers", "block_dtype", "recon_abs", "recon_rel", "grad_rel", "bf16_noise", "meter",
            "exact_meter", "exact_grad_rel", "exact_side_bytes", "device", "preset")
-VALUES = ("recon_abs", "recon_rel", "grad_rel", "bf16_noise", "meter", "exact_meter", "exact_grad_rel",
-          "exact_side_bytes")
+VALUES = ("recon_abs", "recon_rel", "grad_rel", "bf16_noise", "meter", "exact_meter", "exact_grad_rel")
 
 
 def _autocast(device, dtype):
@@ -156,8 +155,9 @@ def _load(path, ctx) -> dict:
     rows = read_csv(path)
     if rows and set(COLUMNS) - set(rows[0]):
         write_csv(path, rows, COLUMNS)
-    return {(r["scheme"], int(r["n_layers"]), r["block_dtype"]): dict(r, n_layers=int(r["n_layers"]),
-                                                                      **{k: float(r[k]) for k in VALUES})
+    return {(r["scheme"], int(r["n_layers"]), r["block_dtype"]): dict(
+                r, n_layers=int(r["n_layers"]), exact_side_bytes=int(r["exact_side_bytes"]),
+                **{k: float(r[k]) for k in VALUES})
             for r in rows if (r["device"], r["preset"]) == (ctx.device_name, ctx.preset) and _complete(r)}
 
 
