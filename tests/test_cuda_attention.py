@@ -21,6 +21,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import revkernels as rk
+from conftest import select_device
 from revkernels import attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -33,14 +34,9 @@ K = 2
 
 
 @pytest.fixture
-def cuda():
+def cuda(monkeypatch):
     """The CUDA device with fp32 matmuls pinned to IEEE fp32 (ref32 must not be a TF32 run)."""
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield torch.device("cuda")
-    finally:
-        torch.set_float32_matmul_precision(precision)
+    yield from select_device("cuda", monkeypatch)
 
 
 def model_and_batch(arch, device):
