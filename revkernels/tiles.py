@@ -9,7 +9,9 @@ host reads only the rows of the chosen tile). Candidates do not depend on M, so 
 every batch size of a width (the first call's M picks it).
 
 Under Triton's interpreter (CPU) nothing is timed: one heuristic tile per (M, D), as large as
-possible, since the interpreter's cost is per program.
+possible, since the interpreter's cost is per program. With ``REVKERNELS_AUTOTUNE=0`` (the test suite
+sets it) a GPU launch takes the first candidate untimed: one compilation per specialisation instead of
+one per candidate.
 
 `chosen(op, D, dtype)` reports the tile the last launch of a public op used, for benchmarks to log.
 """
@@ -23,6 +25,8 @@ from .kernels.coupling import coupling_kernel
 from .kernels.three_term import three_term_kernel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Whether a GPU launch times the candidate tiles (else the first one, untimed).
+AUTOTUNE = os.environ.get("REVKERNELS_AUTOTUNE", "1") != "0"
 # Whether the interpreter goes through the autotuner too (set by the test of tuning on a CPU).
 TUNE_UNDER_INTERPRETER = False
 _TUNERS = {}   # family -> its autotuned kernel, built on first use
@@ -102,20 +106,26 @@ def autotuned(family: str):
         do_bench=_wall_clock_bench if INTERPRET else None)(KERNELS[family])
 
 
+def tunes() -> bool:
+    """Whether launches go through triton.autotune (see AUTOTUNE, TUNE_UNDER_INTERPRETER)."""
+    return TUNE_UNDER_INTERPRETER if INTERPRET else AUTOTUNE
+
+
 def launch(family: str, op: str, dtype, M: int, D: int, args: list, consts: dict) -> triton.Config:
     """Launch `family`'s kernel over an (M, D) problem; record and return the tile it ran with.
     `op` (public op name) and `dtype` (of f or g) label the record for `chosen`."""
-    if INTERPRET and not TUNE_UNDER_INTERPRETER:
-        cfg = interpreter_tile(family, M, D, consts["VEC"])
-        KERNELS[family][grid(M, D, cfg.kwargs)](*args, **consts, **cfg.all_kwargs())
-    else:
+    if tunes():
         if family not in _TUNERS:
             _TUNERS[family] = autotuned(family)
         tuner = _TUNERS[family]
         tuner[lambda meta: grid(M, D, meta)](*args, **consts)
         cfg = tuner.best_config
+    else:
+        cfg = (interpreter_tile(family, M, D, consts["VEC"]) if INTERPRET
+               else candidates(D, consts["VEC"], consts.get("COEF_GRADS", False))[0])
+        KERNELS[family][grid(M, D, cfg.kwargs)](*args, **consts, **cfg.all_kwargs())
     _CHOSEN[(op, D, dtype)] = dict(cfg.kwargs, num_warps=cfg.num_warps, VEC=consts["VEC"], ALIGN=consts["ALIGN"],
-                                   tuned=not INTERPRET or TUNE_UNDER_INTERPRETER)
+                                   tuned=tunes())
     return cfg
 
 

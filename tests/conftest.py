@@ -6,6 +6,9 @@ import torch  # torch does not import triton
 # Must precede the first `import triton` (revkernels reads it at import): compiled kernels on a CUDA
 # machine, Triton's interpreter running the same kernels on CPU tensors otherwise.
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+# On a GPU each launch then compiles one tile per specialisation instead of timing every candidate
+# (correctness does not depend on the tile; test_autotuning_applies_in_place_updates_once tunes).
+os.environ.setdefault("REVKERNELS_AUTOTUNE", "0")
 
 import functools  # noqa: E402
 

@@ -51,7 +51,7 @@ import pytest
 import torch
 
 import revkernels as rk
-from conftest import DEVICES_AND_FALLBACK, select_device
+from conftest import DEVICES, DEVICES_AND_FALLBACK, select_device
 from revkernels import ops, tiles
 from revkernels import reference as ref
 
@@ -395,19 +395,21 @@ def test_reference_g_pending_is_gA_plus_g_pending():
 
 # ------------------------------------------------------------------ autotuning: in-place updates once
 
-def test_autotuning_applies_in_place_updates_once(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_autotuning_applies_in_place_updates_once(device, monkeypatch):
     """Tuning times several tiles on the real arguments: each timed launch of an in-place op must be
-    undone (restore_value), so the result is one application, equal to an untuned launch. Run through
-    the autotuner under the interpreter here (a GPU tunes on first use of each width)."""
-    if not (ops.HAS_TRITON and ops.uses_triton(torch.zeros(1))):
+    undone (restore_value), so the result is one application, equal to an untuned launch. On a CPU
+    through the autotuner under the interpreter; on CUDA with the compiled candidates."""
+    if device == "cpu" and not (ops.HAS_TRITON and ops.uses_triton(torch.zeros(1))):
         pytest.skip("kernels do not run on this machine's CPU")
     monkeypatch.setattr(tiles, "TUNE_UNDER_INTERPRETER", True)
+    monkeypatch.setattr(tiles, "AUTOTUNE", True)
     monkeypatch.setattr(tiles, "_TUNERS", {})
     monkeypatch.setattr(tiles, "COEF_GRADS_VECTORS_PER_THREAD", (1, 4))  # two tiles to time here too
     shape = (2, 3, 40)  # one or two programs per launch: the interpreter is slow per program
-    x, y, gA, gB, gp = (rand(shape, "cpu") for _ in range(5))
-    f = rand(shape, "cpu", torch.bfloat16)
-    a = make_coef("channel", "a", 40, "cpu")
+    x, y, gA, gB, gp = (rand(shape, device) for _ in range(5))
+    f = rand(shape, device, torch.bfloat16)
+    a = make_coef("channel", "a", 40, device)
     want_step = ref.rev_step(x, y, f, a, 0.3)
     want_back = ref.rev_backward_step(x, y, f, gA, gB, a, 0.3, True, gp)
 

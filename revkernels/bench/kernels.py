@@ -172,8 +172,12 @@ def _tiles_markdown(ctx) -> str:
     rows = [r for r in read_csv(ctx.path("csv", "tiles")) if r["device"] == ctx.device_name]
     if not rows:
         return ""
-    how = ("chosen by triton.autotune on this device" if rows[0]["tuned"] == "True"
-           else "the interpreter's fixed tile: nothing is tuned on a CPU")
+    if rows[0]["tuned"] == "True":
+        how = "chosen by triton.autotune on this device"
+    elif ctx.is_cpu:
+        how = "the interpreter's fixed tile: nothing is tuned on a CPU"
+    else:
+        how = "the first candidate, untimed: REVKERNELS_AUTOTUNE=0"
     return (f"Tiles ({how}; `revkernels.ops.tuned_config(op, D, dtype)`):\n\n"
             + markdown_table(list(TILE_COLUMNS[:-1]), [[r[c] for c in TILE_COLUMNS[:-1]] for r in rows]))
 
