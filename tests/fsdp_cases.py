@@ -17,6 +17,7 @@ from revkernels.retrofit.core import retrofit_stack
 
 CFG = dict(vocab_size=32, seq_len=8, d_model=16, n_heads=2, n_layers=3)
 BATCH = 4
+EXACT_ARCHS = ("midpoint-exact", "hamiltonian-exact")
 LR = 0.1
 
 
@@ -27,11 +28,14 @@ def batch():
 
 
 def build(arch, n_layers=None):
-    """A tiny GPT of `arch`; 'retrofit' is a retrofitted baseline GPT (midpoint(a=0.5), 1 iteration)."""
+    """A tiny GPT of `arch`; 'retrofit' is a retrofitted baseline GPT (midpoint(a=0.5), 1 iteration);
+    'ARCH-exact' is ARCH in exact mode."""
     torch.manual_seed(0)
     cfg = dict(CFG, n_layers=n_layers or CFG["n_layers"])
     if arch == "retrofit":
         return rk.retrofit(rk.GPT(rk.GPTConfig(arch="baseline", **cfg)), a=0.5, iterations=1)
+    if arch.endswith("-exact"):
+        return rk.GPT(rk.GPTConfig(arch=arch.removesuffix("-exact"), exact=True, **cfg))
     return rk.GPT(rk.GPTConfig(arch=arch, **cfg))
 
 
@@ -99,6 +103,8 @@ def run_cases(rank, world):
     for arch in ("midpoint", "leapfrog", "midpoint_a", "hamiltonian", "retrofit"):
         for reshard in (True, False):
             results[f"{arch}-reshard{reshard}"] = train_two_steps(fsdp2(build(arch), reshard), rank, world)
+    for arch in EXACT_ARCHS:
+        results[f"{arch}-reshardTrue"] = train_two_steps(fsdp2(build(arch), True), rank, world)
     results["midpoint-accumulate"] = train_two_steps(fsdp2(build("midpoint"), True), rank, world, 2)
     results["hamiltonian-accumulate"] = train_two_steps(fsdp2(build("hamiltonian"), True), rank, world, 2)
     results["retrofit-accumulate"] = train_two_steps(fsdp2(build("retrofit"), True), rank, world, 2)

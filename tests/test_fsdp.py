@@ -57,6 +57,12 @@ def test_per_block_fsdp2_matches_one_process(distributed, arch, reshard):
     assert_matches(distributed[f"{arch}-reshard{reshard}"], single_process(arch))
 
 
+@pytest.mark.parametrize("arch", cases.EXACT_ARCHS)
+def test_per_block_fsdp2_exact_mode_matches_one_process(distributed, arch):
+    # Exact mode's backward takes the same vjp path (the leaves the recompute used).
+    assert_matches(distributed[f"{arch}-reshardTrue"], single_process(arch))
+
+
 @pytest.mark.parametrize("arch", ["midpoint", "hamiltonian", "retrofit"])
 def test_per_block_fsdp2_gradient_accumulation(distributed, arch):
     # Two micro-batches per rank, set_requires_gradient_sync(False) on the first.
