@@ -132,5 +132,6 @@ def launch(family: str, op: str, dtype, M: int, D: int, args: list, consts: dict
 def chosen(op: str, D: int, dtype):
     """The tile of the last Triton launch of public op `op` (e.g. "rev_step",
     "rev_backward_step+coef_grads") for width D and f / g dtype `dtype`, as a dict with BLOCK_M,
-    BLOCK_D, num_warps, VEC, ALIGN and `tuned` (False: the interpreter's heuristic tile); None if none ran."""
+    BLOCK_D, num_warps, VEC, ALIGN and `tuned` (False: the interpreter's heuristic tile, or on a GPU the
+    first candidate with REVKERNELS_AUTOTUNE=0); None if none ran."""
     return _CHOSEN.get((op, D, dtype))
