@@ -352,7 +352,7 @@ def coupling_backward_step(x: Tensor, g: Tensor, gx: Tensor, alpha) -> Tensor:
 def tuned_config(op: str, D: int, dtype=torch.bfloat16) -> Optional[dict]:
     """The tile the last Triton launch of public op `op` used for width D and f / g dtype `dtype`:
     dict(BLOCK_M, BLOCK_D, num_warps, VEC, ALIGN, tuned), `tuned` False for an untimed tile (the
-    interpreter's, or a GPU's first candidate under REVKERNELS_AUTOTUNE=0); None when that op never ran through Triton. `op` is a public op name ("rev_step",
-    "rev_inverse", "rev_backward_step", "rev_backward_step+coef_grads", "coupling_step",
-    "coupling_inverse", "coupling_backward_step")."""
+    interpreter's, or a GPU's first candidate under REVKERNELS_AUTOTUNE=0); None when that op never ran
+    through Triton. `op` is a public op name ("rev_step", "rev_inverse", "rev_backward_step",
+    "rev_backward_step+coef_grads", "coupling_step", "coupling_inverse", "coupling_backward_step")."""
     return tiles.chosen(op, D, dtype) if HAS_TRITON else None
