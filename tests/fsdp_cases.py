@@ -5,6 +5,7 @@ FSDP2 recipe for LLMs), runs two optimizer steps on this rank's half of a global
 full (unsharded) gradients of every parameter at both steps. The parent process computes the same
 steps on the global batch in one process and compares.
 """
+import gc
 import os
 
 import torch
@@ -165,4 +166,6 @@ def worker(rank, world, init_file, out_dir):
     results = run_cases(rank, world)
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "fsdp.pt"))
+    gc.collect()     # the wrapped models (and any gloo work they hold) go before the group
+    dist.barrier()   # both ranks leave together: gloo aborts a process torn down while its peer still talks
     dist.destroy_process_group()

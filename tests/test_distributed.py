@@ -1,5 +1,6 @@
 """DistributedDataParallel over the reversible GPT: two gloo processes on CPU produce the
 gradients of one process on the global batch (DESIGN 6: re-entrant backward vs DDP hooks)."""
+import gc
 import os
 
 import pytest
@@ -17,8 +18,8 @@ def _batch():
     return torch.randint(0, 32, (4, 8), generator=g), torch.randint(0, 32, (4, 8), generator=g)
 
 
-def _worker(rank, world, init_file, arch, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _train(rank, arch):
+    """The DDP gradients of this rank after two steps on its half of the batch."""
     torch.manual_seed(0)
     model = torch.nn.parallel.DistributedDataParallel(rk.GPT(rk.GPTConfig(arch=arch, **CFG)))
     idx, targets = _batch()
@@ -26,8 +27,16 @@ def _worker(rank, world, init_file, arch, out_dir):
     for _ in range(2):   # two steps: the second checks DDP's buckets are reset after a reversible backward
         model.zero_grad()
         model(idx[part], targets[part])[1].backward()
+    return {n: p.grad for n, p in model.module.named_parameters()}
+
+
+def _worker(rank, world, init_file, arch, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    grads = _train(rank, arch)          # the DDP wrapper (and its pending gloo work) is gone on return
     if rank == 0:
-        torch.save({n: p.grad for n, p in model.module.named_parameters()}, os.path.join(out_dir, "ddp.pt"))
+        torch.save(grads, os.path.join(out_dir, "ddp.pt"))
+    gc.collect()
+    dist.barrier()   # both ranks leave together: gloo aborts a process torn down while its peer still talks
     dist.destroy_process_group()
 
 
