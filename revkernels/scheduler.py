@@ -147,8 +147,8 @@ def _fsdp1_hint(swapped):
 def block_vjp(run, j, out, inp, cotangent, param_grads):
     """dL/dinp = J_j^T cotangent; appends one gradient (or None) per recorded parameter to param_grads.
 
-    The block's parameters recorded at the forward are run.params[j] (names run.names[j]). When the recompute used exactly those
-    tensors, their gradients are taken with autograd.grad and returned as the Function's input
+    The block's parameters recorded at the forward are run.params[j] (names run.names[j]). When the
+    recompute used exactly those tensors, their gradients are taken with autograd.grad and returned as the Function's input
     gradients (one AccumulateGrad per parameter per step, as DDP expects). A wrapper that swaps
     parameters under the block (per-block FSDP2 unshards into new tensors at each forward) makes the
     recompute use other leaves; then the vjp runs as an ordinary backward into those leaves' .grad, so

@@ -3,8 +3,9 @@
 Each revision is checked out (git worktree, detached) and served by its own worker process; the
 workers are driven in turn, never at once: `rounds` rounds, each timing `steps` steps of every
 (revision, arch), the two revisions of an arch back to back (which one first alternates by round) and
-the archs' order reversed every other round, so a load change on a shared machine hits every cell alike. Reported: the median ms per step of each cell and, per revision, each arch's ratio
-to `baseline` and to `checkpoint`.
+the archs' order reversed every other round, so a load change on a shared machine hits every cell
+alike. Reported: the median ms per step of each cell and, per revision, each arch's ratio to
+`baseline` and to `checkpoint`.
 
     python scripts/compare_revisions.py BEFORE AFTER [--archs ...] [--out FILE.md]
 

@@ -6,8 +6,9 @@ compiled kernels are specialised as a launch on a GPU would be (16-byte aligned 
 channel strides, ALIGN / VEC from the launcher). With a 16-bit `f`, where the layouts of 16- and
 32-bit operands can differ, each case is compiled with the autotuner's smallest and largest tile for a
 width of 768 channels; with fp32 only, one tile; rows of 100 channels (ALIGN 4) with one tile.
-(All nine candidates per case were checked once: the same facts; CI compiles fewer to stay cheap.) Compilation runs in a subprocess with TRITON_INTERPRET=0 (under the
-interpreter, which the other tests use, @triton.jit gives no compilable function).
+(All nine candidates per case were checked once: the same facts; CI compiles fewer to stay cheap.)
+Compilation runs in a subprocess with TRITON_INTERPRET=0 (under the interpreter, which the other
+tests use, @triton.jit gives no compilable function).
 
 Run as a script (`python tests/test_ptx.py`) it prints the facts per kernel as JSON lines.
 """
