@@ -58,10 +58,13 @@ def check_unit_coefficient(name, v):
 
 
 def _rebuild_error(x, *rebuilt):
-    """max over `rebuilt` of max|R - P0| / max|P0|, P0 = to_grid(x): 0.0 iff each equals P0 bit for bit."""
+    """max over `rebuilt` of max|R - P0| / max|P0|, P0 = to_grid(x), as a 0-d float64 tensor (no host
+    sync; the meter reads it lazily): exactly 0.0 iff each equals P0 bit for bit."""
     P0 = to_grid(x)
-    diff = max(int((R - P0).abs().max()) for R in rebuilt) if P0.numel() else 0
-    return diff / max(int(P0.abs().max()), 1) if diff else 0.0
+    if not P0.numel():
+        return torch.zeros((), dtype=torch.float64, device=x.device)
+    diff = torch.stack([(R - P0).abs().amax() for R in rebuilt]).amax()
+    return diff.double() / P0.abs().amax().clamp_min(1).double()
 
 
 def _output(P, x_dtype):
@@ -117,7 +120,7 @@ class ExactThreeTermFunction(torch.autograd.Function):
             param_grads.append(grads_j)
             A, B, gA, gB = B, A, gB, gA
         raise_flags(flag, "the exact backward")
-        ctx.report._record_reconstruction(torch.as_tensor(_rebuild_error(x, A, B)))
+        ctx.report._record_reconstruction(_rebuild_error(x, A, B))
         g_x = (gA + gB).to(ctx.x_dtype)                    # P[0] and P[-1] both come from x
         return (g_x, None, None, None, *_ordered_param_grads(param_grads))
 
@@ -162,7 +165,7 @@ class ExactHamiltonianFunction(torch.autograd.Function):
             exact_coupling_(q, q, g.detach(), a, flag, inverse=True, gx=gq)          # Q[l-1], gq <- a*gq
             param_grads += [grads_m, grads_g]
         raise_flags(flag, "the exact backward")
-        ctx.report._record_reconstruction(torch.as_tensor(_rebuild_error(x, q, p)))
+        ctx.report._record_reconstruction(_rebuild_error(x, q, p))
         g_x = (gq + gp).to(ctx.x_dtype)
         return (g_x, None, None, None, None, *_ordered_param_grads(param_grads))
 
