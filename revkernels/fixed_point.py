@@ -40,10 +40,12 @@ def range_message(what):
 
 
 def to_grid(x: torch.Tensor) -> torch.Tensor:
-    """P = round(x / SCALE) as int64 (round half up), refusing non-finite values or |x| > RANGE."""
+    """P = round(x / SCALE) as int64 (round half up), contiguous whatever x's layout (the exact kernels
+    read states, updates and gradients in one flat order), refusing non-finite values or |x| > RANGE."""
     if x.numel() and not bool((x.detach().abs() <= RANGE).all()):
         raise GridOverflowError(range_message("the input (non-finite, or too large)"))
-    return torch.floor(x.detach().double() * 2.0 ** FRAC_BITS + 0.5).to(torch.int64)
+    scaled = x.detach().to(torch.float64, memory_format=torch.contiguous_format) * 2.0 ** FRAC_BITS
+    return torch.floor(scaled + 0.5).to(torch.int64)
 
 
 def from_grid(P: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

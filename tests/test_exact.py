@@ -241,6 +241,20 @@ def test_exact_stack_bit_exact_and_matches_autograd(scheme, depth, device):
     assert stack.last_side_info_bytes == expected
 
 
+@pytest.mark.parametrize("scheme", ("midpoint_a", "hamiltonian"))
+def test_non_contiguous_input_gives_the_contiguous_result(scheme, device):
+    """A transposed (B, T, d) view: the kernels read states, updates and gradients in one flat order, so
+    the grid state must be laid out like them (a layout mix-up rebuilds bit for bit, but wrong values)."""
+    stack = make(scheme, 3, device=device)
+    x = randn((T, B, D), 1, device).transpose(0, 1)
+    assert not x.is_contiguous()
+    y, g = run(stack, x, True)
+    y_c, g_c = run(stack, x.contiguous(), True)
+    assert torch.equal(y, y_c)
+    for name, ref in g_c.items():
+        assert torch.equal(g[name], ref), name
+
+
 def test_bf16_autocast_with_dropout_reconstructs_exactly(device, hardware_bf16_rounding):
     """Blocks in bf16 with dropout: the recompute replays the RNG (CUDA's generator on CUDA) and the
     device's autocast, so it sees the same input bits and returns the same f; the rebuild is exact.
