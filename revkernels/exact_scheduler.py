@@ -229,10 +229,21 @@ def _block_input(v):
 
 # ---------------------------------------------------------------- entry points (layers)
 
+def _cached_coefs(a, c, device, holder) -> ExactCoefs:
+    """ExactCoefs of a, c on `device`, kept on `holder` (the stack) until a or c changes (storage or
+    in-place version) or the device does: building them reads a and c on the host, one sync per layer,
+    which a training step must not pay every forward."""
+    key = (str(device), a.data_ptr(), a._version, c.data_ptr(), c._version)
+    cached = getattr(holder, "_exact_coefs", None)
+    if cached is None or cached[0] != key:
+        holder._exact_coefs = cached = (key, ExactCoefs.of(a, c, device))
+    return cached[1]
+
+
 def exact_three_term(x, a, c, run: StackRun, reversible: bool, report):
     """p[L] of the exact three-term stack (a: (L,) or (L, d) dyadic, c: (L,)); `report` receives
     last_side_info_bytes (and last_reconstruction_error after a reversible backward)."""
-    coefs = ExactCoefs.of(a, c, x.device)
+    coefs = _cached_coefs(a, c, x.device, report)
     if reversible:
         return ExactThreeTermFunction.apply(x, coefs, run, report, *run.flat_params())
     prev = cur = _to_grid_ste(x)

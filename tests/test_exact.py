@@ -255,6 +255,18 @@ def test_non_contiguous_input_gives_the_contiguous_result(scheme, device):
         assert torch.equal(g[name], ref), name
 
 
+def test_coefficients_changed_in_place_are_used(device):
+    """The dyadic split of a is cached between forwards (it reads a on the host); an in-place change of a
+    must be picked up, as must a move to another device."""
+    stack = make("midpoint_a", 4, device=device)
+    x = randn((B, T, D), 1, device)
+    stack(x)
+    with torch.no_grad():
+        stack.a.copy_(torch.tensor([1.25, -0.75, 0.5, -1.5]))
+    fresh = make("midpoint_a", 4, device=device, a=[1.25, -0.75, 0.5, -1.5])
+    assert torch.equal(stack(x), fresh(x))
+
+
 def test_bf16_autocast_with_dropout_reconstructs_exactly(device, hardware_bf16_rounding):
     """Blocks in bf16 with dropout: the recompute replays the RNG (CUDA's generator on CUDA) and the
     device's autocast, so it sees the same input bits and returns the same f; the rebuild is exact.
@@ -303,7 +315,7 @@ def test_side_bits_memory_k_bits_per_element_per_layer(device):
     _, l4, side4 = _activation_bytes("midpoint_a", 4, device)
     _, l8, side8 = _activation_bytes("midpoint_a", 8, device)
     assert side4 == 6 * n // 8 and side8 == 12 * n // 8       # 1 + 1 + 2 + 2 bits per element per 4 layers
-    assert l8 - l4 == side8 - side4 + 8 * (8 - 4)             # side bits (and m_j, 8 B per layer) grow
+    assert l8 - l4 == side8 - side4      # only the side bits grow (m_j = a_j * 2^k_j: built once, held by the stack)
 
 
 # ----------------------------------------------------------------------------- models
