@@ -188,8 +188,11 @@ def _backward_step_launch(A, B, f, gA, gB, gp, gf, a_t, a_s, c_t, c_s, coef_grad
     M, D = A.shape
     views = (A, B, f, gA, gB, gp if gp is not None else B, gf)
     layout = _layout(D, views, (_mode(a_t), _mode(c_t)), fp32_outputs=coef_grads)
-    rows = tiles.max_row_tiles("backward_step", M, D, layout["VEC"], coef_grads)
-    parts = torch.empty((2, rows, D), dtype=torch.float32, device=A.device) if coef_grads else (gf, gf)
+    if coef_grads:
+        rows = tiles.max_row_tiles("backward_step", M, D, layout["VEC"], coef_grads)
+        parts = torch.empty((2, rows, D), dtype=torch.float32, device=A.device)
+    else:
+        parts = (gf, gf)
     args = [*views, parts[0], parts[1], _kernel_coef(a_t, B), _kernel_coef(c_t, B), a_s, c_s,
             M, D // layout["ALIGN"], *_strides(layout["ALIGN"], *views)]
     consts = dict(A_MODE=_mode(a_t), C_MODE=_mode(c_t), COEF_GRADS=coef_grads, PENDING=gp is not None, **layout)
