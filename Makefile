@@ -3,7 +3,7 @@ PY := .venv/bin/python
 PRESET ?=
 OUT ?=
 
-.PHONY: setup test bench bench-plan clean
+.PHONY: setup test test-latest bench bench-plan clean
 
 setup:
 	bash scripts/setup_env.sh
@@ -12,6 +12,14 @@ setup:
 test: setup
 	TRITON_INTERPRET=$${TRITON_INTERPRET-$$($(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)")} \
 	  $(PY) -m pytest -q tests
+
+# The scheduled "latest" job (.ci/latest): the same tests on the newest releases of every dependency
+# (torch stays the CPU build 2.13.0 on a machine without a GPU), in .venv-latest. Finds breakage early;
+# `make test` keeps testing the pinned set of constraints.txt.
+test-latest:
+	bash scripts/setup_env.sh .venv-latest none
+	TRITON_INTERPRET=$${TRITON_INTERPRET-$$(.venv-latest/bin/python -c "import torch; print(0 if torch.cuda.is_available() else 1)")} \
+	  .venv-latest/bin/python -m pytest -q tests
 
 # CPU (the default without CUDA): every benchmark at small shapes, one intra-op thread, about 5 minutes
 # on an idle 2-core machine (under 10 when shared), into bench-out/.
@@ -26,4 +34,4 @@ bench-plan: setup
 	$(PY) -m revkernels.bench plan
 
 clean:
-	rm -rf .venv bench-out $(OUT) .pytest_cache
+	rm -rf .venv .venv-latest bench-out $(OUT) .pytest_cache
