@@ -23,9 +23,8 @@ import contextlib
 import contextvars
 
 import torch
-import torch.nn.functional as F
 
-from .attention import causal_attention
+from .attention import causal_attention, unmasked_attention
 
 _ACTIVE = contextvars.ContextVar("revkernels_kv_cache", default=None)
 
@@ -106,4 +105,4 @@ class KVCache:
                                f"slot holds {tuple(K.shape)} {K.dtype} on {K.device}: same batch, heads and "
                                "dtype as the prefill are needed")
         K[:, :, start:start + n], V[:, :, start:start + n] = k, v
-        return F.scaled_dot_product_attention(q, K[:, :, :start + n], V[:, :, :start + n], dropout_p=dropout_p)
+        return unmasked_attention(q, K[:, :, :start + n], V[:, :, :start + n], dropout_p=dropout_p)
