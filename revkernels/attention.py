@@ -1,5 +1,6 @@
 """Causal self-attention dispatch: FlashAttention when importable for CUDA fp16/bf16 tensors,
-otherwise torch's scaled_dot_product_attention (which runs its own FlashAttention kernels on CUDA)."""
+otherwise torch's scaled_dot_product_attention (which runs its own FlashAttention kernels on CUDA);
+and the unmasked attention of a KV-cache decode step (revkernels.kv_cache) through SDPA."""
 import torch
 import torch.nn.functional as F
 
@@ -26,3 +27,11 @@ def causal_attention(q, k, v, dropout_p=0.0):
         return out.transpose(1, 2)
     _last_backend = "sdpa"
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+
+def unmasked_attention(q, k, v, dropout_p=0.0):
+    """softmax(q k^T / sqrt(hd)) v with no mask, for queries that may see every key (a decode step:
+    the newest position over all cached keys); q (B, H, Tq, hd), k and v (B, H, Tk, hd). Runs SDPA."""
+    global _last_backend
+    _last_backend = "sdpa"
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)

@@ -20,6 +20,7 @@ from . import reference as ref
 from .attention import causal_attention
 from .exact_scheduler import ExactCoefs, check_unit_coefficient, exact_hamiltonian, exact_three_term
 from .fixed_point import round_to_dyadic
+from .kv_cache import active_cache
 from .scheduler import HamiltonianFunction, StackRun, ThreeTermFunction, checked_update
 from .store import check_store_policy
 
@@ -373,7 +374,8 @@ class HamiltonianStack(_StackBase):
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention through `causal_attention` (FlashAttention or SDPA)."""
+    """Multi-head causal self-attention through `causal_attention` (FlashAttention or SDPA), or through
+    the running step's KV cache when one is active (`revkernels.kv_cache`: one slot per call)."""
 
     def __init__(self, d_model, n_heads, dropout=0.0, bias=True):
         super().__init__()
@@ -389,7 +391,9 @@ class CausalSelfAttention(nn.Module):
         B, T, d = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         p = self.attn_dropout.p if self.training else 0.0
-        y = causal_attention(q, k, v, dropout_p=p).transpose(1, 2).reshape(B, T, d)
+        cache = active_cache()
+        attend = causal_attention if cache is None else cache.attend
+        y = attend(q, k, v, dropout_p=p).transpose(1, 2).reshape(B, T, d)
         return self.resid_dropout(self.proj(y))
 
 

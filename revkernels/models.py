@@ -6,6 +6,7 @@ arch: 'baseline'    p[j+1] = p[j] + f_j(p[j])                       (eq. 2.2)
       'hamiltonian' HamiltonianStack (eqs. 2.8-2.9)
 f_j is TransformerBlock (eq. 2.5). Token + position embeddings, final LayerNorm, tied LM head.
 """
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .kv_cache import KVCache
 from .layers import AttentionBlock, HamiltonianStack, MLPBlock, ReversibleStack, TransformerBlock
 from .loss import chunked_cross_entropy
 
@@ -132,14 +134,24 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, *, cache: Optional[KVCache] = None):
+        """Logits (B, T, vocab) and the loss when targets are given. cache: a `KVCache` (generation,
+        under no_grad) holding the keys/values of the previous positions; idx then holds the tokens
+        after them, at positions cache.length .. cache.length + T - 1, and the cache is extended."""
         B, T = idx.shape
-        if T > self.cfg.seq_len:
-            raise ValueError(f"sequence length {T} exceeds cfg.seq_len={self.cfg.seq_len}")
+        start = 0
+        if cache is not None:
+            if not isinstance(cache, KVCache):
+                raise TypeError(f"cache must be a revkernels.kv_cache.KVCache or None, got {type(cache).__name__}")
+            start = cache.length
+        if start + T > self.cfg.seq_len:
+            raise ValueError(f"sequence length {T} after {start} cached positions exceeds cfg.seq_len={self.cfg.seq_len}"
+                             if start else f"sequence length {T} exceeds cfg.seq_len={self.cfg.seq_len}")
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(f"targets has shape {tuple(targets.shape)}, expected {tuple(idx.shape)} like idx")
-        pos = torch.arange(T, device=idx.device)
-        x = self.ln_f(self.body(self.drop(self.wte(idx) + self.wpe(pos))))
+        pos = torch.arange(start, start + T, device=idx.device)
+        with contextlib.nullcontext() if cache is None else cache.step(T):
+            x = self.ln_f(self.body(self.drop(self.wte(idx) + self.wpe(pos))))
         if targets is None:
             return self.lm_head(x), None
         if self.cfg.loss_chunk_tokens > 0:
@@ -149,15 +161,23 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, *, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, *, generator=None):
         """idx (B, T) extended by max_new_tokens sampled tokens: returns (B, T + max_new_tokens).
 
-        Each step feeds the last cfg.seq_len tokens (the context is cropped, there is no KV cache, so
-        every arch, reversible ones included, runs its ordinary forward) and samples the next token
-        from softmax(logits[:, -1] / temperature), restricted to the top_k most likely tokens when
-        top_k is given (top_k=1 is greedy decoding). Runs under no_grad and in eval mode (dropout off);
-        the model's training flag is restored afterwards. generator: a torch.Generator on idx's device
-        for the sampling (default: the global RNG).
+        Each step samples the next token from softmax(logits[:, -1] / temperature), restricted to the
+        top_k most likely tokens when top_k is given (top_k=1 is greedy decoding), with the logits of the
+        last cfg.seq_len tokens (the context is cropped). Runs under no_grad and in eval mode (dropout
+        off); the model's training flag is restored afterwards. generator: a torch.Generator on idx's
+        device for the sampling (default: the global RNG).
+
+        use_cache=True (every arch, retrofitted GPTs included): the first step runs the prompt once and
+        keeps the keys/values of every attention call (`revkernels.kv_cache`); each further step runs
+        the new token alone at the next position. While the sequence fits cfg.seq_len this computes the
+        same function as use_cache=False at a fraction of the cost (logits agree up to fp rounding of the
+        differently shaped attention). Past cfg.seq_len the window slides, every kept token's position
+        changes and cached keys/values are invalid, so each step recomputes the window as
+        use_cache=False does: the speed-up holds up to seq_len tokens. use_cache=False: every step
+        recomputes the cropped window with the ordinary forward.
         """
         if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long:
             raise TypeError(f"idx must be a torch.long tensor of token ids, got "
@@ -173,11 +193,21 @@ class GPT(nn.Module):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+        if not isinstance(use_cache, bool):
+            raise TypeError(f"use_cache must be True or False, got {use_cache!r}")
+        window = self.cfg.seq_len
+        cache = KVCache(window) if use_cache else None
         was_training = self.training
         self.eval()
         try:
             for _ in range(max_new_tokens):
-                logits = self(idx[:, -self.cfg.seq_len:])[0][:, -1, :].float() / temperature
+                if cache is not None and idx.shape[1] > window:
+                    cache = None                  # the window slides: positions change, recompute it
+                if cache is None:
+                    logits = self(idx[:, -window:])[0]
+                else:                             # the prompt once, then the one token not yet cached
+                    logits = self(idx[:, cache.length:], cache=cache)[0]
+                logits = logits[:, -1, :].float() / temperature
                 if top_k is not None:
                     kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
