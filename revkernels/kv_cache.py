@@ -20,18 +20,19 @@ reversible backward recomputes blocks with grad enabled, and a training forward 
 cache.
 """
 import contextlib
-import contextvars
+import threading
 
 import torch
 
 from .attention import causal_attention, unmasked_attention
 
-_ACTIVE = contextvars.ContextVar("revkernels_kv_cache", default=None)
+_THREAD = threading.local()     # .cache: the running step's KVCache (a thread-local, which torch.compile
+                                # reads under a guard, unlike a ContextVar)
 
 
 def active_cache():
-    """The KVCache whose step is running, or None."""
-    return _ACTIVE.get()
+    """The KVCache whose step is running in this thread, or None."""
+    return getattr(_THREAD, "cache", None)
 
 
 def _refuse_grad():
@@ -64,14 +65,14 @@ class KVCache:
         _refuse_grad()
         if self._broken:
             raise RuntimeError("this KV cache was left half-written by a failed step: start a new one")
-        if _ACTIVE.get() is not None:
+        if active_cache() is not None:
             raise RuntimeError("a KV cache step is already running: steps do not nest")
         if self.length and n_new != 1:
             raise ValueError(f"a cache holding {self.length} positions takes one new token per step, got {n_new}")
         if n_new < 1 or self.length + n_new > self.capacity:
             raise ValueError(f"{n_new} new tokens after {self.length} cached do not fit capacity={self.capacity}")
         self._calls = 0
-        token = _ACTIVE.set(self)
+        _THREAD.cache = self
         try:
             yield self
             if self.length and self._calls != len(self._slots):
@@ -81,7 +82,7 @@ class KVCache:
             self._broken = True
             raise
         finally:
-            _ACTIVE.reset(token)
+            _THREAD.cache = None
         self.length += n_new
 
     def attend(self, q, k, v, dropout_p=0.0):
