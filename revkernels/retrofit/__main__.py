@@ -27,7 +27,7 @@ import sys
 import torch
 
 from .align import align, evaluate_kl
-from .core import retrofit
+from .api import retrofit
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
