@@ -5,7 +5,8 @@ from .layers import (AttentionBlock, HamiltonianStack, MLPBlock, ReversibleStack
 from .models import GPT, GPTConfig
 from .ops import (coupling_backward_step, coupling_inverse, coupling_step, rev_backward_step,
                   rev_inverse, rev_step)
-from .retrofit import retrofit, retrofit_kl
+from . import retrofit  # the package, callable: rk.retrofit(model) is retrofit.api.retrofit
+from .retrofit import retrofit_kl
 
 __all__ = [
     "rev_step", "rev_inverse", "rev_backward_step", "coupling_step", "coupling_inverse",

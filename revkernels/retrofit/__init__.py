@@ -1,20 +1,34 @@
 """Retrofit pre-trained residual models into reversible ones (paper section 4).
 
-    student = retrofit(model, a=0.5, iterations=1)      # same call signature and outputs
+    student = revkernels.retrofit(model)                # exact, compact form, a = 2^-4: same call signature
     kl = retrofit_kl(student_logits, teacher_logits)    # eq. 4.6
     log = align(student, teacher, batches, steps=100)   # KL fine-tuning, tqdm bar, KL log
     student.save_pretrained(d); from_pretrained(d)      # Hugging Face models: the same student back
 
+This package is itself callable: `revkernels.retrofit(model, ...)` is `revkernels.retrofit.api.retrofit`,
+and every helper is an attribute of it (`revkernels.retrofit.align`, `.find_retrofit_stack`, ...).
 `python -m revkernels.retrofit --model DIR --out DIR ...` runs the alignment from the command line.
 """
+import sys
+import types
+
+from . import api
 from .align import align, evaluate_kl, model_logits, retrofit_kl
-from .core import (RetrofitBlock, RetrofitStack, block_calls, find_retrofit_stack, retrofit, retrofit_stack,
-                   unretrofit)
+from .api import retrofit, unretrofit
+from .core import (RetrofitBlock, RetrofitStack, block_call_slot, block_calls, find_retrofit_stack,
+                   retrofit_stack)
 from .hf_checkpoint import from_pretrained
 
-# `import revkernels` binds `revkernels.retrofit` to the function above, not to this package, so the
-# documented spelling `revkernels.retrofit.from_pretrained(d)` reads an attribute of the function.
-retrofit.from_pretrained = from_pretrained
+
+class _CallableModule(types.ModuleType):
+    """The package's module type: calling the package calls `api.retrofit`."""
+
+    def __call__(self, *args, **kwargs):
+        return api.retrofit(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = ["retrofit", "retrofit_kl", "align", "evaluate_kl", "model_logits", "RetrofitBlock", "RetrofitStack",
-           "block_calls", "find_retrofit_stack", "retrofit_stack", "unretrofit", "from_pretrained"]
+           "block_calls", "block_call_slot", "find_retrofit_stack", "retrofit_stack", "unretrofit",
+           "from_pretrained"]

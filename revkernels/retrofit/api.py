@@ -1,0 +1,97 @@
+"""`retrofit(model, ...)` and `unretrofit(model)`: dispatch to the model adapters (gpt.py for revkernels
+GPT, hf.py for transformers models; hf_checkpoint.py installs save_pretrained on HF students), and to
+calibrate.py for a="auto". The arrows point down: api -> {gpt, hf_checkpoint -> hf} -> core.
+"""
+from typing import Sequence, Union
+
+import torch
+from torch import nn
+
+from . import gpt, hf, hf_checkpoint
+from .core import ACoef, SUPPORTED, check_form, find_retrofit_stack, retrofit_stack
+
+DEFAULT_A = 2 ** -4
+
+
+def retrofit(model: nn.Module, a: Union[ACoef, str] = DEFAULT_A, iterations: int = 0, *, form: str = "compact",
+             exact: bool = True, calibration: Union[None, torch.Tensor, Sequence[torch.Tensor]] = None,
+             target_kl: float = 0.01, max_reconstruction_error: float = None,
+             state_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A reversible copy of the residual `model` (paper section 4), same call signature and outputs.
+
+    Supported: transformers decoder-only causal LMs (see hf.py) and revkernels `GPT` with arch 'baseline'
+    or 'checkpoint'. The blocks' weights are deep-copied (the original model is untouched and can serve
+    as the frozen teacher), never re-initialised. The body runs as a `RetrofitStack` (core.py; find it
+    with `retrofit_stack(student)`: its meter, `reversible` switch, `set_a`, `mean_side_bits`).
+
+    a: a float, per-layer values (L,) or (L, d) (0 refused), or "auto": per-layer dyadic a_j chosen from
+    `calibration` ((B, T) token ids or a list of such batches) for the fewest side bits with KL(teacher ||
+    student) <= target_kl on it (implies exact=True). form: "compact" (F_j = f_j, one block call per
+    layer; the default) or "eq4.5" (F_j = f_j + a_j f_{j-1}(p_hat), `iterations` guarded fixed-point
+    steps). exact: bit-exact reversible backward (a dyadic, a = m/2^k costs k side bits per element per
+    layer); exact=False is refused where its gradients cannot be trusted (prod_j max(1, 1/|a_j|) > 1e3).
+    max_reconstruction_error: raise in the backward beyond it (see `ReversibleStack`).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"retrofit expects an nn.Module, got {type(model).__name__}")
+    if find_retrofit_stack(model) is not None:
+        raise ValueError(f"{type(model).__name__} is already retrofitted")
+    check_form(form, iterations)
+    auto = isinstance(a, str)
+    if auto:
+        if a != "auto":
+            raise ValueError(f"a must be a number, per-layer values or 'auto', got {a!r}")
+        if calibration is None:
+            raise ValueError("a='auto' needs calibration=(B, T) token ids (or a list of such batches)")
+        if not exact:
+            raise ValueError("a='auto' chooses dyadic a_j for exact mode: pass exact=True")
+        a = DEFAULT_A
+    elif calibration is not None:
+        raise ValueError("calibration is only used with a='auto'; pass a='auto' or drop calibration")
+    kwargs = dict(a=a, iterations=iterations, form=form, exact=exact, state_dtype=state_dtype,
+                  max_reconstruction_error=max_reconstruction_error)
+    if gpt.is_gpt(model):
+        student = gpt.retrofit_gpt(model, **kwargs)
+    elif hf.is_transformers_model(model):
+        student = _retrofit_hf(model, **kwargs)
+        hf_checkpoint.install(student)
+    else:
+        raise TypeError(f"retrofit does not support {type(model).__module__}.{type(model).__name__}: "
+                        f"supported are {', '.join(SUPPORTED)}")
+    if auto:
+        from .calibrate import calibrate_a
+        calibrate_a(student, model, calibration if isinstance(calibration, (list, tuple)) else [calibration],
+                    target_kl)
+    return student
+
+
+def unretrofit(model: nn.Module) -> nn.Module:
+    """An ordinary residual copy of a retrofitted model, with its current weights."""
+    retrofit_stack(model)
+    if gpt.is_gpt(model):
+        return gpt.unretrofit_gpt(model)
+    return hf.unretrofit_hf(model)
+
+
+def _retrofit_hf(model, **kwargs):
+    """hf.retrofit_hf(model, **RetrofitStack kwargs) -- the interface helper B's hf.py provides.
+
+    TEMPORARY bridge to the previous hf.py (retrofit_hf(model, a, iterations, state_dtype), updates
+    called as f(p, context)); the lead deletes this function when merging B's hf.py and calls
+    hf.retrofit_hf(model, **kwargs) directly."""
+    import inspect
+    if "form" in inspect.signature(hf.retrofit_hf).parameters:
+        return hf.retrofit_hf(model, **kwargs)
+
+    class _SlotUpdate(hf.HFLayerUpdate):
+        def forward(self, p, context, slot=None):
+            return super().forward(p, context)
+
+    from .core import RetrofitStack
+    student = hf.retrofit_hf(model, 1.0, 0, kwargs["state_dtype"])     # a placeholder stack, replaced below
+    driver = next(m for m in student.modules() if isinstance(m, hf.HFRetrofitLayers))
+    for update in driver.stack.updates:
+        update.__class__ = _SlotUpdate
+    driver.stack = RetrofitStack(list(driver.stack.updates), **kwargs)
+    getattr(student.config, hf_checkpoint.CONFIG_KEY).update(driver.stack.config_record())
+    return student
