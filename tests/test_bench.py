@@ -193,14 +193,14 @@ def test_gpu_plan_chunks_fit_the_gpu_window(capsys):
     chunks = plan.gpu_plan()
     assert [c.number for c in chunks] == list(range(1, len(chunks) + 1))
     assert all(0 < c.estimate_s < 9 * 60 for c in chunks) and plan.CHUNK_LIMIT_S < 9 * 60
-    assert sum(c.estimate_s for c in chunks) < 25 * 60
+    assert sum(c.estimate_s for c in chunks) < plan.TOTAL_LIMIT_S
     covered = {c.benchmark for c in chunks}
     assert {"kernels", "memory-depth", "max-batch", "throughput-depth", "drift"} <= covered
     assert main(["plan", "--preset", "gpu", "--dry-run"]) == 0
     out = capsys.readouterr().out
     minutes = [float(line.split("|")[-2]) for line in out.splitlines() if line.startswith("| ") and
                line.split("|")[1].strip().isdigit()]
-    assert len(minutes) == len(chunks) and all(m < 9 for m in minutes) and sum(minutes) < 25
+    assert len(minutes) == len(chunks) and all(m < 9 for m in minutes) and sum(minutes) < plan.TOTAL_LIMIT_S / 60
 
 
 def test_cost_model_bounds_batches_sensibly():

@@ -38,7 +38,7 @@ from ..memory import SavedTensorBytes
 from ..models import GPTConfig
 from ._probe import TrainStep
 from .common import MIB, figure, interleaved_ms, markdown_table, mib, progress, quantiles, write_csv, write_report
-from .max_batch import GPT2_SMALL
+from .cost_model import GPT2_SMALL
 
 PRESETS = {
     # the issue's table: GPT d=256, L=8, B=8, T=128, one intra-op thread
@@ -142,15 +142,16 @@ def configurations(p) -> list:
     return rows
 
 
-def _gpt_config(p, method, k, policy) -> GPTConfig:
+def build_config(p, method, k=None, policy=None) -> dict:
+    """GPTConfig keyword arguments of one configuration (selective AC: baseline's, its body swapped later)."""
     arch = {"baseline": "baseline", "checkpoint": "checkpoint", "selective-ac": "baseline"}.get(method, p["scheme"])
     extra = dict(stored_layers=k, store_policy=policy) if (k or policy) else {}
-    return GPTConfig(**p["shape"], arch=arch, loss_chunk_tokens=p["loss_chunk_tokens"], **extra)
+    return dict(p["shape"], arch=arch, loss_chunk_tokens=p["loss_chunk_tokens"], **extra)
 
 
 def build_step(p, device, method, k=None, policy=None) -> TrainStep:
     """A TrainStep (same seed, so the same initial weights and batch for every configuration)."""
-    step = TrainStep(_gpt_config(p, method, k, policy), p["batch"], device, bf16=device.type == "cuda")
+    step = TrainStep(GPTConfig(**build_config(p, method, k, policy)), p["batch"], device, bf16=device.type == "cuda")
     if method == "selective-ac":
         step.model.body = SelectiveCheckpointStack(step.model.body.blocks)   # the same parameters
     return step

@@ -18,7 +18,7 @@ from . import cost_model as cm
 from .common import append_csv, markdown_table, read_csv
 
 CHUNK_LIMIT_S = 510                  # 8.5 minutes: a chunk's deadline (a GPU command may run 10)
-TOTAL_LIMIT_S = 25 * 60
+TOTAL_LIMIT_S = 30 * 60
 LOG_COLUMNS = ("chunk", "title", "status", "seconds", "estimate_s", "device", "finished")
 
 
@@ -83,14 +83,14 @@ def _memory_depth_s(archs, depths):
                           p["batch"], steps=2) for a in archs for L in depths)
 
 
-def _max_batch_s(archs, budgets):
-    from .max_batch import PRESETS
-    p = PRESETS["gpu"]
+def _max_batch_s(budgets, p=None):
+    """Every configuration's search (max_batch.configs) under `budgets`, each probe also timing `time_steps`."""
+    from .max_batch import PRESETS, configs
+    p = p or PRESETS["gpu"]
     total = 0.0
-    for a in archs:
-        cfg = dict(p["shape"], arch=a, loss_chunk_tokens=p["loss_chunk_tokens"])
+    for _, cfg in configs(p):
         for i, (_, b) in enumerate(sorted(budgets, key=lambda b: b[1])):
-            total += cm.search_probes(i == 0) * cm.probe_s(cfg, cm.max_batch(cfg, b), steps=2)
+            total += cm.search_probes(i == 0) * cm.probe_s(cfg, cm.max_batch(cfg, b), steps=2 + p["time_steps"])
     return total
 
 
@@ -108,6 +108,20 @@ def _throughput_s(depths):
             n = sum(cm.n_params(cfg).values())         # common batch: built here, timed interleaved
             total += n / cm.CPU_INIT_PARAMS_PER_S + (p["common_warmup"] + p["rounds"] * p["per_round"]) * \
                 cm.step_s(cfg, p["common_batch"])
+    return total
+
+
+def _frontier_s(p=None, configs=None):
+    """frontier: each configuration built on the CPU, one memory step, warm-up and interleaved timed steps;
+    plus the Triton JIT of the bf16 reversible kernels (step, inverse, backward step)."""
+    from .frontier import PRESETS, build_config, configurations
+    p = p or PRESETS["gpu"]
+    total = 3 * cm.TRITON_JIT_S
+    for label, method, k, policy in (configs or configurations(p)):
+        cfg = build_config(p, method, k, policy)
+        n = sum(cm.n_params(cfg).values())
+        total += n / cm.CPU_INIT_PARAMS_PER_S + (1 + p["warmup"] + p["rounds"] * p["per_round"]) * \
+            cm.step_s(cfg, p["batch"])
     return total
 
 
@@ -155,12 +169,14 @@ def gpu_plan() -> list:
                f"{EX['gpu']['step']['batch']}; midpoint_a side bits", _exact_s(), {}),
               ("memory-depth", f"memory-depth: {len(md['archs'])} archs, GPT-2 small width, batch {md['batch']}, "
                f"{depths(md['depths'])}", _memory_depth_s(md["archs"], md["depths"]), {}),
-              ("max-batch", f"max-batch: {', '.join(mb['archs'])}; GPT-2 small, T=1024; 24/40/48/80 GB",
-               _max_batch_s(mb["archs"], mb["budgets"]), {})]
+              ("max-batch", f"max-batch: {', '.join(mb['archs'])}, hybrid k={'/'.join(map(str, mb['hybrid']['stored']))}"
+               f"; GPT-2 small, T=1024; 24/40/48/80 GB", _max_batch_s(mb["budgets"]), {})]
     for ds in (td["depths"][:2], td["depths"][2:]):
         chunks.append(("throughput-depth", f"throughput-depth: d=512, {depths(ds)}; {' and '.join(td['max_archs'])} "
                        f"at max batch, +checkpoint at batch {td['common_batch']}", _throughput_s(ds),
                        {"n_layers": ds}))
+    chunks.append(("frontier", "frontier: baseline, checkpoint, selective AC, midpoint stored_layers 0/3/6/9/12 "
+                   "with / without store_policy; GPT-2 small, batch 8", _frontier_s(), {}))
     chunks.append(("quality", "quality: 5 archs, d=768 L=12 on bytes; retrofit of the trained baseline",
                    _quality_s(), {}))
     return [Chunk(i, name, title, est, only) for i, (name, title, est, only) in enumerate(chunks, 1)]
@@ -172,7 +188,7 @@ def plan_table(chunks, done=()) -> str:
     total = sum(c.estimate_s for c in chunks)
     header = ["chunk", "benchmark", "what", "estimated GPU min"] + (["status"] if done is not None else [])
     return (markdown_table(header, rows) + f"\n\nTotal: {cm.minutes(total):.1f} estimated GPU minutes in "
-            f"{len(chunks)} chunks (limits: each chunk < 9 min, the plan < 25 min). Estimates: H100 SXM, "
+            f"{len(chunks)} chunks (limits: each chunk < 9 min, the plan < 30 min). Estimates: H100 SXM, "
             f"{cm.H100_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16 at {cm.MFU:.0%} MFU, {cm.H100_HBM_BYTES_PER_S / 1e12:.2f} "
             f"TB/s; probe start-up {cm.PROCESS_START_S:.0f} s; torch.compile {cm.COMPILE_S:.0f} s per graph "
             f"(revkernels/bench/cost_model.py).")
