@@ -54,6 +54,7 @@ COLUMNS = ("config", "method", "stored_layers", "store_policy", "n_layers", "bat
            "step_ms_p80", "vs_baseline", "vs_baseline_p20", "vs_baseline_p80", "saved_bytes", "cache_bytes",
            "policy_bytes", "activation_bytes", "peak_bytes", "loss0", "device", "preset")
 FIXED = ("baseline", "checkpoint", "selective-ac")
+FIXED_LABELS = {"baseline": "baseline", "checkpoint": "checkpoint", "selective-ac": "selective AC"}
 
 
 def _save_ops():
@@ -127,11 +128,12 @@ def hybrid_supported() -> bool:
 
 
 def configurations(p) -> list:
-    """(label, method, stored_layers, store_policy) of every row the preset measures."""
+    """(label, method, stored_layers, store_policy) of every row the preset measures: its `fixed` methods
+    (default FIXED), then the reversible scheme at each k of `stored` for each of `policies` (default: none
+    and POLICY)."""
     L = p["shape"]["n_layers"]
-    rows = [("baseline", "baseline", None, None), ("checkpoint", "checkpoint", None, None),
-            ("selective AC", "selective-ac", None, None)]
-    for policy in (None, POLICY):
+    rows = [(FIXED_LABELS[m], m, None, None) for m in p.get("fixed", FIXED)]
+    for policy in p.get("policies", (None, POLICY)):
         for k in p["stored"]:
             if policy and k == L:
                 continue                    # nothing is recomputed: the same as the plain row
@@ -179,10 +181,8 @@ def measure_memory(step: TrainStep) -> dict:
     return row
 
 
-def measure(ctx, p, configs=None) -> list:
-    """Rows of every configuration (default: `configurations(p)`): memory of one step each, then the
-    interleaved timing."""
-    configs = configurations(p) if configs is None else configs
+def measure_memory_rows(ctx, p, configs) -> tuple:
+    """({label: TrainStep}, {label: row}): every configuration built and its memory measured (one step each)."""
     steps, rows = {}, {}
     for label, method, k, policy in progress(configs, "frontier: build + memory"):
         ctx.check_time(f"frontier {label}")
@@ -190,6 +190,11 @@ def measure(ctx, p, configs=None) -> list:
         rows[label] = dict(config=label, method=method, stored_layers=k, store_policy=policy,
                            n_layers=p["shape"]["n_layers"], batch=p["batch"], device=ctx.device_name,
                            preset=ctx.preset, **measure_memory(steps[label]))
+    return steps, rows
+
+
+def time_rows(ctx, p, steps, rows):
+    """Add the interleaved step times (and ratios to baseline's in the same round) to `rows`."""
     ctx.check_time("frontier timing")
     times = interleaved_ms(steps, ctx.device, p["warmup"], p["rounds"], p["per_round"])
     base = times.get("baseline")
@@ -198,16 +203,21 @@ def measure(ctx, p, configs=None) -> list:
         r["step_ms"], r["step_ms_p20"], r["step_ms_p80"] = quantiles(ms)
         if base:
             r["vs_baseline"], r["vs_baseline_p20"], r["vs_baseline_p80"] = quantiles([t / b for t, b in zip(ms, base)])
+
+
+def run(ctx, p=None) -> str:
+    """`p`: the preset's settings (default PRESETS[ctx.preset]; gpu-check passes its own). The memory rows
+    are written before the timing starts, so a run stopped at a time limit keeps them."""
+    p = p or PRESETS[ctx.preset]
+    configs = configurations(p)
+    steps, by_label = measure_memory_rows(ctx, p, configs)
+    rows = [by_label[label] for label, *_ in configs]
+    write_csv(ctx.path("csv"), rows, COLUMNS)
+    time_rows(ctx, p, steps, by_label)
     del steps
     gc.collect()
     if ctx.device.type == "cuda":
         torch.cuda.empty_cache()
-    return [rows[label] for label, *_ in configs]
-
-
-def run(ctx, p=None) -> str:
-    p = p or PRESETS[ctx.preset]
-    rows = measure(ctx, p)
     write_csv(ctx.path("csv"), rows, COLUMNS)
     return write_report(ctx, "Memory/time frontier: checkpointing, selective AC and the reversible hybrid",
                         _markdown(ctx, p, rows), _plot(ctx, p, rows))

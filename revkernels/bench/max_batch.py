@@ -42,7 +42,7 @@ PRESETS = {
                 archs=("baseline", "checkpoint", "midpoint"),
                 budgets=tuple((f"{m} MiB", m * MIB) for m in (2, 4)),
                 loss_chunk_tokens=128, start=4, cap=4096, isolate=True, time_steps=3,
-                hybrid=dict(arch="midpoint", stored=(2, 4))),
+                hybrid=dict(arch="midpoint", stored=(2,))),
     "tiny": dict(shape=dict(vocab_size=64, seq_len=16, d_model=32, n_heads=2, n_layers=2),
                  archs=("baseline", "midpoint"), budgets=(("0.7 MiB", int(0.7 * MIB)),),
                  loss_chunk_tokens=16, start=2, cap=4, isolate=False, time_steps=1,   # in-process: test speed

@@ -11,6 +11,7 @@ turn with no deadline. Finished chunks are recorded in plots/plan-<device>.csv.
 Estimates come from revkernels.bench.cost_model (H100 SXM: 989 TFLOP/s bf16 dense at an assumed 35%
 MFU, 3.35 TB/s; process start, CPU-side model build and torch.compile times as stated there).
 """
+import traceback
 from dataclasses import dataclass, field
 from time import monotonic, perf_counter, strftime
 
@@ -198,12 +199,14 @@ def done_chunks(log_path, device_name) -> set:
     return {int(r["chunk"]) for r in read_csv(log_path) if r["status"] == "done" and r["device"] == device_name}
 
 
-def run_chunk(chunk: Chunk, make_context, run_benchmark, log_path, deadline: bool) -> bool:
-    """Run one chunk; True when it finished, False when it stopped at its deadline (rerun to resume)."""
+def run_chunk(chunk: Chunk, make_context, run_benchmark, log_path, deadline: bool, limit_s: float = CHUNK_LIMIT_S,
+              keep_going: bool = False) -> bool:
+    """Run one chunk; True when it finished, False when it stopped at its deadline (`limit_s` from now when
+    `deadline`; rerun to resume) or, with `keep_going`, failed (the traceback is printed, status 'failed')."""
     from .common import ChunkTimeUp
     t0 = perf_counter()
     ctx = make_context(chunk.benchmark, only=chunk.only or None,
-                       deadline=monotonic() + CHUNK_LIMIT_S if deadline else None)
+                       deadline=monotonic() + limit_s if deadline else None)
     try:
         print(run_benchmark(ctx), flush=True)
         status = "done"
@@ -211,6 +214,11 @@ def run_chunk(chunk: Chunk, make_context, run_benchmark, log_path, deadline: boo
         print(f"chunk {chunk.number} ({chunk.title}) stopped: {stop}. Every finished point is saved; "
               f"run `--chunk {chunk.number}` again to resume.", flush=True)
         status = "stopped"
+    except Exception:  # noqa: BLE001 - gpu-check: one failing step must not cost the others their time
+        if not keep_going:
+            raise
+        traceback.print_exc()
+        status = "failed"
     append_csv(log_path, dict(chunk=chunk.number, title=chunk.title, status=status, seconds=perf_counter() - t0,
                               estimate_s=chunk.estimate_s, device=ctx.device_name, finished=strftime("%F %T")),
                LOG_COLUMNS)

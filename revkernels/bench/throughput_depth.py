@@ -102,8 +102,9 @@ def time_common_batch(ctx, p, n_layers) -> list:
     return rows
 
 
-def run(ctx) -> str:
-    p = PRESETS[ctx.preset]
+def run(ctx, p=None) -> str:
+    """`p`: the preset's settings (default PRESETS[ctx.preset]; gpu-check passes its own)."""
+    p = p or PRESETS[ctx.preset]
     budgets, notes = usable_budgets(ctx, p["budgets"])
     path, probes = ctx.path("csv"), ctx.path("csv", part="probes")
     done = {tuple(r[k] for k in KEY): _typed(r) for r in read_csv(path)
