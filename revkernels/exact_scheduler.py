@@ -27,9 +27,9 @@ from torch.autograd.function import once_differentiable
 from . import reference_exact as ref
 from .exact_ops import exact_backward_step_, exact_coupling_, exact_three_term_, new_flag, raise_flags
 from .fixed_point import FRAC_BITS, SCALE, dyadic_parts, from_grid, side_bytes, to_grid
-from .replay import AmbientState, ForwardContext
-from .scheduler import (StackRun, _add_, _ordered_param_grads, _recompute, _refuse_second_backward, block_vjp,
-                        checked_update)
+from .replay import AmbientState
+from .scheduler import (StackRun, _add_, _ordered_param_grads, _refuse_second_backward, block_forward, block_graph,
+                        block_vjp, checked_update, kept_bytes)
 
 
 @dataclass
@@ -83,35 +83,39 @@ class ExactThreeTermFunction(torch.autograd.Function):
         ambient = AmbientState.capture(x.device)
         prev = to_grid(x)                                              # P[-1]
         cur = prev.clone()                                             # P[0]
-        flag, fwd_ctxs, sides = new_flag(x.device), [], []
+        flag, fwds, stored_outs, sides = new_flag(x.device), [], [], []
         nbytes = (x.numel() + 7) // 8
-        for j, block in enumerate(run.blocks):
-            fwd_ctxs.append(ForwardContext.capture(x.device, run.preserve_rng))
-            f = checked_update(block, j, from_grid(cur))
+        for j in range(len(run.blocks)):
+            fwd, f = block_forward(run, j, from_grid(cur), fresh=True)
+            fwds.append(fwd)
+            if fwd.leaf is not None:
+                stored_outs.append(f)
             k = coefs.k[j]
             side = torch.empty((k, nbytes), dtype=torch.uint8, device=x.device) if k else None
-            exact_three_term_(prev, prev, cur, f, coefs.m[j], k, coefs.c[j], side, flag)   # prev <- P[j+1]
+            exact_three_term_(prev, prev, cur, f.detach(), coefs.m[j], k, coefs.c[j], side, flag)   # prev <- P[j+1]
             sides.append(side)
             prev, cur = cur, prev
         raise_flags(flag, "the exact forward")
         report.last_side_info_bytes = coefs.side_info_bytes(x.numel())
+        run.policy_bytes = kept_bytes(fwds)
         ctx.run, ctx.coefs, ctx.report, ctx.sides = run, coefs, report, sides
-        ctx.fwd_ctxs, ctx.ambient, ctx.x_dtype = fwd_ctxs, ambient, x.dtype
-        ctx.save_for_backward(prev, cur, x)                            # P[L-1], P[L], x (for the meter)
+        ctx.fwds, ctx.ambient, ctx.x_dtype = fwds, ambient, x.dtype
+        ctx.save_for_backward(prev, cur, x, *stored_outs)              # P[L-1], P[L], x (for the meter)
         return _output(cur, x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         _refuse_second_backward(ctx)
-        prev, last, x = ctx.saved_tensors
+        prev, last, x, *stored_outs = ctx.saved_tensors
         run, coefs = ctx.run, ctx.coefs
+        stored_outs = dict(zip(sorted(run.stored), stored_outs))
         A, B = last, prev                                  # P[j+1], P[j]: ours (the output is a copy)
         gA = _grad_buffer(grad_out)
         gB = torch.zeros_like(gA)
         flag, param_grads = new_flag(A.device), []
         for j in reversed(range(len(run.blocks))):
-            inp, f = _recompute(run, j, from_grid(B), ctx.fwd_ctxs[j], ctx.ambient)
+            inp, f = block_graph(run, j, from_grid(B), ctx.fwds[j], ctx.ambient, stored_outs.pop(j, None))
             gf = exact_backward_step_(A, B, f.detach(), gA, gB, coefs.m[j], coefs.k[j], coefs.c[j],
                                       ctx.sides[j], flag)     # A <- P[j-1]
             ctx.sides[j] = None
@@ -133,34 +137,39 @@ class ExactHamiltonianFunction(torch.autograd.Function):
         ambient = AmbientState.capture(x.device)
         q = to_grid(x)
         p = q.clone()
-        flag, fwd_ctxs = new_flag(x.device), []
-        for l in range(0, len(run.blocks), 2):
-            fwd_ctxs.append(ForwardContext.capture(x.device, run.preserve_rng))
-            exact_coupling_(q, q, checked_update(run.blocks[l], l, from_grid(p)), a, flag)            # Q[l]
-            fwd_ctxs.append(ForwardContext.capture(x.device, run.preserve_rng))
-            exact_coupling_(p, p, checked_update(run.blocks[l + 1], l + 1, from_grid(q)), b, flag)    # P[l]
+        flag, fwds, stored_outs = new_flag(x.device), [], []
+        for j in range(len(run.blocks)):      # G_l (j even): Q[l] from P[l-1]; M_l (j odd): P[l] from Q[l]
+            src, dst, coef = (p, q, a) if j % 2 == 0 else (q, p, b)
+            fwd, f = block_forward(run, j, from_grid(src), fresh=True)
+            fwds.append(fwd)
+            if fwd.leaf is not None:
+                stored_outs.append(f)
+            exact_coupling_(dst, dst, f.detach(), coef, flag)
         raise_flags(flag, "the exact forward")
         report.last_side_info_bytes = 0
-        ctx.run, ctx.report, ctx.fwd_ctxs, ctx.ambient, ctx.x_dtype, ctx.a, ctx.b = (
-            run, report, fwd_ctxs, ambient, x.dtype, a, b)
-        ctx.save_for_backward(q, p, x)
+        run.policy_bytes = kept_bytes(fwds)
+        ctx.run, ctx.report, ctx.fwds, ctx.ambient, ctx.x_dtype, ctx.a, ctx.b = (
+            run, report, fwds, ambient, x.dtype, a, b)
+        ctx.save_for_backward(q, p, x, *stored_outs)
         return _output(p, x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         _refuse_second_backward(ctx)
-        q, p, x = ctx.saved_tensors
+        q, p, x, *stored_outs = ctx.saved_tensors
         run, a, b = ctx.run, ctx.a, ctx.b
+        stored_outs = dict(zip(sorted(run.stored), stored_outs))
         gp = _grad_buffer(grad_out)
         gq = torch.zeros_like(gp)
         flag, param_grads = new_flag(p.device), []
         for l in reversed(range(0, len(run.blocks), 2)):
             grads_m, grads_g = [], []
-            inp, m = _recompute(run, l + 1, from_grid(q), ctx.fwd_ctxs[l + 1], ctx.ambient)
+            inp, m = block_graph(run, l + 1, from_grid(q), ctx.fwds[l + 1], ctx.ambient,
+                                 stored_outs.pop(l + 1, None))
             _add_(gq, block_vjp(run, l + 1, m, inp, gp.to(m.dtype), grads_m))      # dL/dQ[l] complete
             exact_coupling_(p, p, m.detach(), b, flag, inverse=True, gx=gp)          # P[l-1], gp <- b*gp
-            inp, g = _recompute(run, l, from_grid(p), ctx.fwd_ctxs[l], ctx.ambient)
+            inp, g = block_graph(run, l, from_grid(p), ctx.fwds[l], ctx.ambient, stored_outs.pop(l, None))
             _add_(gp, block_vjp(run, l, g, inp, gq.to(g.dtype), grads_g))          # dL/dP[l-1] complete
             exact_coupling_(q, q, g.detach(), a, flag, inverse=True, gx=gq)          # Q[l-1], gq <- a*gq
             param_grads += [grads_m, grads_g]

@@ -5,6 +5,8 @@
 
 Both return the last state and have a ``reversible`` switch: True runs the memory-free backward of
 ``revkernels.scheduler``; False runs the same forward with ordinary autograd (the reference).
+Memory for speed: ``stored_layers`` keeps the autograd graph of some layers (no recompute for them),
+``store_policy='matmuls'`` keeps the matmul and attention outputs of the recomputed ones.
 """
 import math
 import warnings
@@ -19,6 +21,7 @@ from .attention import causal_attention
 from .exact_scheduler import ExactCoefs, check_unit_coefficient, exact_hamiltonian, exact_three_term
 from .fixed_point import round_to_dyadic
 from .scheduler import HamiltonianFunction, StackRun, ThreeTermFunction, checked_update
+from .store import check_store_policy
 
 SCHEMES = ("midpoint", "leapfrog", "midpoint_a")
 
@@ -58,15 +61,55 @@ def _refuse_stateful(blocks):
                                  "recompute would update them twice. Use LayerNorm or track_running_stats=False")
 
 
+def stored_indices(stored_layers, n_layers):
+    """`stored_layers` as a sorted tuple of layer indices. An int k stores the last k layers: the
+    backward reaches them first, so their graphs are freed before any recompute runs and the peak holds
+    the stored graphs or one recomputed block's, never both. A sequence of ints names the layers."""
+    if isinstance(stored_layers, bool):
+        raise TypeError("stored_layers must be an int or a sequence of layer indices, got a bool")
+    if isinstance(stored_layers, int):
+        if not 0 <= stored_layers <= n_layers:
+            raise ValueError(f"stored_layers={stored_layers} must be between 0 and the number of layers ({n_layers})")
+        return tuple(range(n_layers - stored_layers, n_layers))
+    if isinstance(stored_layers, torch.Tensor) or not isinstance(stored_layers, Sequence):
+        raise TypeError(f"stored_layers must be an int or a sequence of layer indices, got "
+                        f"{type(stored_layers).__name__}")
+    for i in stored_layers:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"stored_layers holds {i!r}: layer indices must be ints")
+        if not 0 <= i < n_layers:
+            raise ValueError(f"stored_layers holds {i}: layer indices must be in [0, {n_layers})")
+    if len(set(stored_layers)) != len(stored_layers):
+        raise ValueError(f"stored_layers {list(stored_layers)} names a layer twice")
+    return tuple(sorted(stored_layers))
+
+
+def _needs_backward(inputs, blocks):
+    """Whether autograd will record a call on `inputs` (none given: whenever grad is enabled); only
+    then is keeping graphs or op outputs worth it."""
+    return torch.is_grad_enabled() and (not inputs or any(x.requires_grad for x in inputs) or
+                                        any(p.requires_grad for b in blocks for p in b.parameters()))
+
+
 def _uses_dropout(blocks):
     return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training
                for b in blocks for m in b.modules())
 
 
 class _StackBase(nn.Module):
-    """Shared options: state dtype, RNG replay, the reversible switch, shape checks."""
+    """Shared options: state dtype, RNG replay, the reversible switch, shape checks, and what the
+    reversible forward keeps for speed (`stored_layers`, `store_policy`; both settable later).
 
-    def __init__(self, blocks, state_dtype, preserve_rng_state, max_reconstruction_error=None):
+    stored_layers: an int k (the last k layers) or layer indices; those layers keep their autograd
+    graph in the forward (a copy of their input and their output f_j), so the backward runs their vjp
+    without a recompute and their inverse step uses the stored f_j. 0: every layer is recomputed.
+    store_policy: None, or 'matmuls': recomputed layers keep the outputs of their matmuls and attention
+    (revkernels.store) and the recompute returns them; `last_policy_bytes` is what it kept in the last
+    forward (saved-tensor hooks do not see it; stored layers' graphs they do).
+    Neither changes the forward's values, nor the `reversible=False` reference."""
+
+    def __init__(self, blocks, state_dtype, preserve_rng_state, max_reconstruction_error=None, *,
+                 n_layers, stored_layers=0, store_policy=None):
         super().__init__()
         if max_reconstruction_error is not None and not (
                 isinstance(max_reconstruction_error, (int, float)) and not isinstance(max_reconstruction_error, bool)
@@ -86,6 +129,31 @@ class _StackBase(nn.Module):
         self.max_reconstruction_error = max_reconstruction_error
         self.reversible = True
         self._reconstruction_error = None
+        self._n_layers = n_layers
+        self.stored_layers = stored_layers
+        self.store_policy = store_policy
+        self.last_policy_bytes = 0
+
+    @property
+    def stored_layers(self):
+        """The indices of the layers whose graph the reversible forward keeps (a sorted tuple)."""
+        return self._stored_layers
+
+    @stored_layers.setter
+    def stored_layers(self, value):
+        self._stored_layers = stored_indices(value, self._n_layers)
+
+    @property
+    def store_policy(self):
+        return self._store_policy
+
+    @store_policy.setter
+    def store_policy(self, value):
+        self._store_policy = check_store_policy(value)
+
+    def _stored_blocks(self):
+        """Block indices (in the blocks the scheduler runs) of the stored layers."""
+        return frozenset(self.stored_layers)
 
     @property
     def last_reconstruction_error(self):
@@ -113,11 +181,27 @@ class _StackBase(nn.Module):
                 "autograd's. Use exact=True for bit-exact reconstruction, or |a_j| >= 1",
                 stacklevel=3)
 
-    def _run(self, blocks):
+    def _run(self, blocks, *inputs):
+        """The StackRun of a reversible call on `inputs`: the stored layers and the store policy apply
+        when autograd records the call."""
         preserve = self.preserve_rng_state
         if preserve == "auto":
             preserve = _uses_dropout(blocks)
-        return StackRun(blocks, self.state_dtype, preserve, self._record_reconstruction)
+        keep = bool(self.stored_layers or self.store_policy) and _needs_backward(inputs, blocks)
+        if keep and (self.stored_layers or self.store_policy) and torch.compiler.is_compiling():
+            raise NotImplementedError(
+                "stored_layers / store_policy under a whole-model torch.compile: compile the blocks instead "
+                "(torch.compile(block)), or set stored_layers=0 and store_policy=None")
+        return StackRun(blocks, self.state_dtype, preserve, self._record_reconstruction,
+                        stored=self._stored_blocks() if keep else frozenset(),
+                        store_policy=self.store_policy if keep else None)
+
+    def _ran(self, run):
+        self.last_policy_bytes = run.policy_bytes
+
+    def _memory_repr(self):
+        out = f", stored_layers={list(self.stored_layers)}" if self.stored_layers else ""
+        return out + (f", store_policy={self.store_policy!r}" if self.store_policy else "")
 
     @staticmethod
     def _check_input(x):
@@ -137,14 +221,16 @@ class ReversibleStack(_StackBase):
     input's relative error, measured on every reversible backward) exceeds it.
     exact: bit-exact reversibility on the int64 fixed-point grid (revkernels.exact_scheduler); a must be
     dyadic (m/2^k, k <= 8; eq. 3.7 draws are rounded to multiples of 1/4), not learnable.
+    stored_layers, store_policy: memory for speed (see _StackBase); exact mode supports both.
     """
 
     def __init__(self, blocks: Sequence[nn.Module], scheme: str = "midpoint", h: float = 1.0,
                  a: Union[None, float, Sequence[float], torch.Tensor] = None, *, learnable_a: bool = False,
                  generator: torch.Generator = None, state_dtype: torch.dtype = torch.float32,
                  preserve_rng_state: Union[bool, str] = "auto", max_reconstruction_error: float = None,
-                 exact: bool = False):
-        super().__init__(blocks, state_dtype, preserve_rng_state, max_reconstruction_error)
+                 exact: bool = False, stored_layers: Union[int, Sequence[int]] = 0, store_policy: str = None):
+        super().__init__(blocks, state_dtype, preserve_rng_state, max_reconstruction_error,
+                         n_layers=len(blocks), stored_layers=stored_layers, store_policy=store_policy)
         if scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
         if isinstance(h, bool) or not isinstance(h, (int, float)) or not math.isfinite(h):
@@ -191,20 +277,26 @@ class ReversibleStack(_StackBase):
                              "channels: per-channel a must have shape (n_layers, d)")
         if self.a.requires_grad and bool((self.a == 0).any()):
             raise ValueError("learnable a reached 0: that layer is no longer invertible")
+        self.last_policy_bytes = 0
         if self.exact:
-            return exact_three_term(x, self.a, self.c, self._run(blocks), self.reversible, self)
+            run = self._run(blocks, x)
+            out = exact_three_term(x, self.a, self.c, run, self.reversible, self)
+            self._ran(run)
+            return out
         a = self.a.to(self.state_dtype)
         c = self.c.to(self.state_dtype)
         if self.reversible:
-            run = self._run(blocks)
-            return ThreeTermFunction.apply(x, a, c, run, *run.flat_params())
+            run = self._run(blocks, x)
+            out = ThreeTermFunction.apply(x, a, c, run, *run.flat_params())
+            self._ran(run)
+            return out
         prev = cur = x.to(self.state_dtype)
         for j, block in enumerate(blocks):
             prev, cur = cur, ref.rev_step(prev, cur, checked_update(block, j, cur), a[j], c[j])
         return cur.to(x.dtype)
 
     def extra_repr(self):
-        return f"scheme={self.scheme!r}, h={self.h}, n_layers={len(self.blocks)}"
+        return f"scheme={self.scheme!r}, h={self.h}, n_layers={len(self.blocks)}" + self._memory_repr()
 
 
 class HamiltonianStack(_StackBase):
@@ -213,16 +305,18 @@ class HamiltonianStack(_StackBase):
         q[l] = a*q[l-1] + attn_l(p[l-1]);   p[l] = b*p[l-1] + mlp_l(q[l])
 
     attn_blocks / mlp_blocks are whole blocks with their own norms (e.g. AttentionBlock, MLPBlock).
+    stored_layers counts layers l: a stored layer keeps the graphs of both attn_l and mlp_l.
     """
 
     def __init__(self, attn_blocks: Sequence[nn.Module], mlp_blocks: Sequence[nn.Module],
                  a: float = 1.0, b: float = 1.0, *, state_dtype: torch.dtype = torch.float32,
                  preserve_rng_state: Union[bool, str] = "auto", max_reconstruction_error: float = None,
-                 exact: bool = False):
+                 exact: bool = False, stored_layers: Union[int, Sequence[int]] = 0, store_policy: str = None):
         if len(attn_blocks) != len(mlp_blocks):
             raise ValueError(f"attn_blocks has {len(attn_blocks)} blocks but mlp_blocks has {len(mlp_blocks)}")
         super().__init__(list(attn_blocks) + list(mlp_blocks), state_dtype, preserve_rng_state,
-                         max_reconstruction_error)
+                         max_reconstruction_error, n_layers=len(attn_blocks), stored_layers=stored_layers,
+                         store_policy=store_policy)
         for name, v in (("a", a), ("b", b)):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise TypeError(f"{name} must be a float, got {type(v).__name__}")
@@ -239,6 +333,9 @@ class HamiltonianStack(_StackBase):
     def _interleaved(self):
         return [blk for pair in zip(self.attn_blocks, self.mlp_blocks) for blk in pair]
 
+    def _stored_blocks(self):
+        return frozenset(j for l in self.stored_layers for j in (2 * l, 2 * l + 1))
+
     def forward(self, p0, q0=None, return_both=False):
         """p[L] from p[0] = p0 and q[0] = q0 (p0 when None); (q[L], p[L]) when return_both.
         Gradients reach both initial streams."""
@@ -250,14 +347,19 @@ class HamiltonianStack(_StackBase):
             self._check_input(q0)
             if q0.shape != p0.shape or q0.device != p0.device:
                 raise ValueError(f"q0 {tuple(q0.shape)} on {q0.device} must match p0 {tuple(p0.shape)} on {p0.device}")
+        self.last_policy_bytes = 0
         if self.exact:
             if two_streams or return_both:
                 raise ValueError("exact=True HamiltonianStack takes one initial stream (q0=None) and "
                                  "returns p[L] (return_both=False)")
-            return exact_hamiltonian(p0, self.a, self.b, self._run(self._interleaved()), self.reversible, self)
+            run = self._run(self._interleaved(), p0)
+            out = exact_hamiltonian(p0, self.a, self.b, run, self.reversible, self)
+            self._ran(run)
+            return out
         if self.reversible:
-            run = self._run(self._interleaved())
+            run = self._run(self._interleaved(), p0, q0)
             q, p = HamiltonianFunction.apply(p0, q0, self.a, self.b, run, *run.flat_params())
+            self._ran(run)
         else:
             q, p = q0.to(self.state_dtype), p0.to(self.state_dtype)
             for l, (attn, mlp) in enumerate(zip(self.attn_blocks, self.mlp_blocks)):
@@ -267,7 +369,7 @@ class HamiltonianStack(_StackBase):
         return (q, p) if return_both else p
 
     def extra_repr(self):
-        return f"a={self.a}, b={self.b}, n_layers={len(self.attn_blocks)}"
+        return f"a={self.a}, b={self.b}, n_layers={len(self.attn_blocks)}" + self._memory_repr()
 
 
 class CausalSelfAttention(nn.Module):

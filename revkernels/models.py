@@ -47,6 +47,10 @@ class GPTConfig:
     exact: bool = False                                 # bit-exact reversible body (reversible archs only)
     max_reconstruction_error: Optional[float] = None    # reversible archs: a backward whose rebuilt input
                                                         # strays further (relative) raises
+    stored_layers: Union[int, Sequence[int]] = 0         # reversible archs: layers that keep their graph
+                                                        # (an int k: the last k; or indices)
+    store_policy: Optional[str] = None                  # reversible archs: 'matmuls' keeps the matmul and
+                                                        # attention outputs of the recomputed layers
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -60,6 +64,11 @@ class GPTConfig:
             raise ValueError(f"exact=True needs a reversible arch, got arch={self.arch!r}")
         if self.max_reconstruction_error is not None and self.arch in ("baseline", "checkpoint"):
             raise ValueError(f"max_reconstruction_error needs a reversible arch, got arch={self.arch!r}")
+        if self.arch in ("baseline", "checkpoint") and (
+                self.store_policy is not None or isinstance(self.stored_layers, bool)
+                or not (isinstance(self.stored_layers, int) and self.stored_layers == 0)):
+            raise ValueError(f"stored_layers and store_policy need a reversible arch, got arch={self.arch!r} "
+                             "(arch='checkpoint' recomputes every layer; 'baseline' stores every layer)")
 
 
 class ResidualStack(nn.Module):
@@ -85,7 +94,8 @@ def build_body(cfg: GPTConfig) -> nn.Module:
     if cfg.arch == "hamiltonian":
         return HamiltonianStack([AttentionBlock(d, H, p, bias) for _ in range(L)],
                                 [MLPBlock(d, p, bias) for _ in range(L)], a=cfg.ham_a, b=cfg.ham_b,
-                                exact=cfg.exact, max_reconstruction_error=cfg.max_reconstruction_error)
+                                exact=cfg.exact, max_reconstruction_error=cfg.max_reconstruction_error,
+                                stored_layers=cfg.stored_layers, store_policy=cfg.store_policy)
     blocks = [TransformerBlock(d, H, p, bias) for _ in range(L)]
     if cfg.arch in ("baseline", "checkpoint"):
         return ResidualStack(blocks, use_checkpoint=cfg.arch == "checkpoint")
@@ -93,7 +103,8 @@ def build_body(cfg: GPTConfig) -> nn.Module:
     gen = torch.Generator().manual_seed(cfg.seed)
     return ReversibleStack(blocks, cfg.arch, h=h, a=cfg.a if cfg.arch == "midpoint_a" else None,
                            learnable_a=cfg.learnable_a, generator=gen, exact=cfg.exact,
-                           max_reconstruction_error=cfg.max_reconstruction_error)
+                           max_reconstruction_error=cfg.max_reconstruction_error,
+                           stored_layers=cfg.stored_layers, store_policy=cfg.store_policy)
 
 
 class GPT(nn.Module):

@@ -8,7 +8,14 @@ forward but O(1) scalars: the coefficients and, when randomness is replayed, one
 
 Parameter gradients are returned as gradients of the Function's inputs, so autograd (and DDP's
 hooks) see each parameter used once per step, as in an ordinary graph.
+
+Memory for speed (StackRun.stored, StackRun.store_policy): a stored block runs with grad in the forward
+and keeps its autograd graph (a detached copy of its input as the leaf, and its output f_j); the
+backward uses that graph instead of a recompute, and the inverse step uses the stored f_j. A recomputed
+block may keep the outputs of its matmuls and attention (revkernels.store), which its recompute then
+returns instead of running those ops.
 """
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
@@ -18,16 +25,22 @@ from torch.autograd.function import once_differentiable
 
 from .ops import backward_step_, coupling_, three_term_
 from .replay import AmbientState, ForwardContext
+from .store import BlockStore
 
 
 @dataclass
 class StackRun:
     """The non-tensor arguments of one call: the blocks, their parameters, options, and which blocks hold
-    FSDP2 modules (found once per forward, so the backward's recomputes need no module scan)."""
+    FSDP2 modules (found once per forward, so the backward's recomputes need no module scan).
+    stored: indices of the blocks whose forward graph is kept (no recompute); store_policy: what the
+    other blocks keep of their forward (None: nothing; see revkernels.store)."""
     blocks: Sequence[nn.Module]
     state_dtype: torch.dtype
     preserve_rng: bool
     report_reconstruction: Optional[Callable[[torch.Tensor], None]] = None
+    stored: frozenset = frozenset()
+    store_policy: Optional[str] = None
+    policy_bytes: int = field(default=0, init=False)     # what the store policy kept in the forward
     params: List[List[torch.Tensor]] = field(init=False)
     names: List[List[str]] = field(init=False)
     fsdp2: List[bool] = field(init=False)
@@ -40,6 +53,47 @@ class StackRun:
 
     def flat_params(self):
         return [p for ps in self.params for p in ps]
+
+
+class BlockForward:
+    """What the forward of one block leaves for the backward: the RNG replay and the store policy's
+    outputs of a recomputed block, or the input leaf of a stored one (whose output the Function saves)."""
+    __slots__ = ("replay", "store", "leaf")
+
+    def __init__(self, replay=None, store=None, leaf=None):
+        self.replay, self.store, self.leaf = replay, store, leaf
+
+
+def kept_bytes(fwds):
+    """Bytes the store policy kept in a forward (over the BlockForwards of its blocks)."""
+    return sum(f.store.bytes for f in fwds if f.store is not None)
+
+
+def block_forward(run, j, state, fresh=False):
+    """(BlockForward, f_j(state)) of block j under the run's options. A stored block runs with grad on a
+    copy of `state` (the caller overwrites its state buffers in place; `fresh` says `state` is already a
+    tensor of its own) and its output carries the graph; other outputs have none."""
+    block = run.blocks[j]
+    if j in run.stored:
+        leaf = (state.detach() if fresh else state.detach().clone()).requires_grad_(True)
+        with torch.enable_grad():
+            return BlockForward(leaf=leaf), checked_update(block, j, leaf)
+    replay = ForwardContext.capture(state.device, run.preserve_rng)
+    if run.store_policy is None:
+        return BlockForward(replay), checked_update(block, j, state)
+    store = BlockStore(run.store_policy)
+    return BlockForward(replay, store), store.record(lambda t: checked_update(block, j, t), state)
+
+
+def block_graph(run, j, state, fwd: BlockForward, ambient, stored_out=None):
+    """(input leaf, output) of block j at `state` with grad: the stored graph (`stored_out`, the output
+    the forward saved), or a recompute returning the outputs the store policy kept. Drops what the
+    forward left for this block."""
+    if fwd.leaf is not None:
+        leaf, fwd.leaf = fwd.leaf, None
+        return leaf, stored_out
+    store, fwd.store = fwd.store, None
+    return _recompute(run, j, state, fwd.replay, ambient, store)
 
 
 def _fsdp2_blocks(blocks):
@@ -96,14 +150,15 @@ def _fsdp2_rearm(block):
             state._training_state = TrainingState.IDLE
 
 
-def _recompute(run, j, state, fwd_ctx, ambient):
+def _recompute(run, j, state, fwd_ctx, ambient, store=None):
     """(input leaf, output) of block j's update at `state` with grad, under the forward's RNG, autocast
-    and SDPA backends."""
+    and SDPA backends, and with the op outputs `store` (a BlockStore or None) kept in the forward."""
     block = run.blocks[j]
     if run.fsdp2[j]:
         _fsdp2_rearm(block)
     inp = state.detach().requires_grad_(True)
-    with torch.enable_grad(), fwd_ctx.replay(), ambient.replay():
+    with torch.enable_grad(), fwd_ctx.replay(), ambient.replay(), \
+            (store.replay() if store is not None else contextlib.nullcontext()):
         out = block(inp)
     return inp, out
 
@@ -246,22 +301,27 @@ class ThreeTermFunction(torch.autograd.Function):
     def forward(ctx, x, a, c, run: StackRun, *params):
         ambient = AmbientState.capture(x.device)
         prev, cur = _initial_states(x, run.state_dtype)                # p[-1], p[0]
-        fwd_ctxs = []
+        fwds, stored_outs = [], []
         with torch.no_grad():
-            for j, block in enumerate(run.blocks):
-                fwd_ctxs.append(ForwardContext.capture(x.device, run.preserve_rng))
-                three_term_(prev, prev, cur, checked_update(block, j, cur), a[j], c[j])   # prev <- p[j+1]
+            for j in range(len(run.blocks)):
+                fwd, f = block_forward(run, j, cur)
+                fwds.append(fwd)
+                if fwd.leaf is not None:
+                    stored_outs.append(f)
+                three_term_(prev, prev, cur, f.detach(), a[j], c[j])   # prev <- p[j+1]
                 prev, cur = cur, prev
-        ctx.run, ctx.fwd_ctxs, ctx.ambient, ctx.x_dtype = run, fwd_ctxs, ambient, x.dtype
-        ctx.save_for_backward(prev, cur, a, c, x)                      # p[L-1], p[L]; x for the meter
+        run.policy_bytes = kept_bytes(fwds)
+        ctx.run, ctx.fwds, ctx.ambient, ctx.x_dtype = run, fwds, ambient, x.dtype
+        ctx.save_for_backward(prev, cur, a, c, x, *stored_outs)        # p[L-1], p[L]; x for the meter
         return _output(cur, x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         _refuse_second_backward(ctx)
-        prev, last, a, c, x = ctx.saved_tensors
+        prev, last, a, c, x, *stored_outs = ctx.saved_tensors
         run = ctx.run
+        stored_outs = dict(zip(sorted(run.stored), stored_outs))
         A, B = last.clone(), prev                          # A = p[j+1], B = p[j]; B is ours to overwrite
         gA = grad_out.to(run.state_dtype).contiguous().clone()
         gB = torch.zeros_like(gA)
@@ -269,7 +329,7 @@ class ThreeTermFunction(torch.autograd.Function):
         da, dc, param_grads = [], [], []
         pending = None              # J_{j+1}^T gf of the layer above: the part of gA not yet added
         for j in reversed(range(len(run.blocks))):
-            inp, f = _recompute(run, j, B, ctx.fwd_ctxs[j], ctx.ambient)
+            inp, f = block_graph(run, j, B, ctx.fwds[j], ctx.ambient, stored_outs.pop(j, None))
             gf, da_j, dc_j = backward_step_(A, B, f.detach(), gA, gB, a[j], c[j], coef_grads, g_pending=pending)
             grads_j = []
             pending = block_vjp(run, j, f, inp, gf, grads_j)
@@ -296,34 +356,39 @@ class HamiltonianFunction(torch.autograd.Function):
     def forward(ctx, p0, q0, a, b, run: StackRun, *params):
         ambient = AmbientState.capture(p0.device)
         q, p = _state_copy(q0, run.state_dtype), _state_copy(p0, run.state_dtype)
-        fwd_ctxs = []
+        fwds, stored_outs = [], []
         with torch.no_grad():
-            for l in range(0, len(run.blocks), 2):
-                fwd_ctxs.append(ForwardContext.capture(p0.device, run.preserve_rng))
-                coupling_(q, q, checked_update(run.blocks[l], l, p), a)                 # q <- a*q + G(p)
-                fwd_ctxs.append(ForwardContext.capture(p0.device, run.preserve_rng))
-                coupling_(p, p, checked_update(run.blocks[l + 1], l + 1, q), b)             # p <- b*p + M(q)
-        ctx.run, ctx.fwd_ctxs, ctx.ambient, ctx.a, ctx.b = run, fwd_ctxs, ambient, a, b
+            for j in range(len(run.blocks)):      # G_l (j even) updates q from p; M_l (j odd) p from q
+                src, coef = (p, a) if j % 2 == 0 else (q, b)
+                fwd, f = block_forward(run, j, src)
+                fwds.append(fwd)
+                if fwd.leaf is not None:
+                    stored_outs.append(f)
+                y = q if j % 2 == 0 else p
+                coupling_(y, y, f.detach(), coef)                  # q <- a*q + G(p);  p <- b*p + M(q)
+        run.policy_bytes = kept_bytes(fwds)
+        ctx.run, ctx.fwds, ctx.ambient, ctx.a, ctx.b = run, fwds, ambient, a, b
         ctx.dtypes = (p0.dtype, q0.dtype)
-        ctx.save_for_backward(q, p, p0, q0)
+        ctx.save_for_backward(q, p, p0, q0, *stored_outs)
         return _output(q, q0.dtype), _output(p, p0.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_q, grad_p):
         _refuse_second_backward(ctx)
-        q_saved, p_saved, p0, q0 = ctx.saved_tensors
+        q_saved, p_saved, p0, q0, *stored_outs = ctx.saved_tensors
         run, a, b = ctx.run, ctx.a, ctx.b
+        stored_outs = dict(zip(sorted(run.stored), stored_outs))
         q, p = q_saved.clone(), p_saved.clone()            # q[L], p[L] are the caller's outputs
         gp = grad_p.to(run.state_dtype).contiguous().clone()
         gq = grad_q.to(run.state_dtype).contiguous().clone()
         param_grads = []
         for l in reversed(range(0, len(run.blocks), 2)):
             grads_m, grads_g = [], []
-            inp, m = _recompute(run, l + 1, q, ctx.fwd_ctxs[l + 1], ctx.ambient)
+            inp, m = block_graph(run, l + 1, q, ctx.fwds[l + 1], ctx.ambient, stored_outs.pop(l + 1, None))
             _add_(gq, block_vjp(run, l + 1, m, inp, gp.to(m.dtype), grads_m))    # dL/dq[l] complete
             coupling_(p, p, m.detach(), b, inverse=True, gx=gp)              # p <- p[l-1], gp <- b*gp
-            inp, g = _recompute(run, l, p, ctx.fwd_ctxs[l], ctx.ambient)
+            inp, g = block_graph(run, l, p, ctx.fwds[l], ctx.ambient, stored_outs.pop(l, None))
             _add_(gp, block_vjp(run, l, g, inp, gq.to(g.dtype), grads_g))            # dL/dp[l-1] complete
             coupling_(q, q, g.detach(), a, inverse=True, gx=gq)              # q <- q[l-1], gq <- a*gq
             param_grads += [grads_m, grads_g]
