@@ -5,7 +5,8 @@ Configurations (GPT with AdamW; fp32 on a CPU, bf16 autocast on a GPU):
 - checkpoint: each f_j under torch.utils.checkpoint (use_reentrant=False), its layer input saved;
 - selective AC: each f_j under torch.utils.checkpoint with the contexts of
   torch.utils.checkpoint.create_selective_checkpoint_contexts and a policy that saves the outputs of
-  SAVE_OPS (matmuls and scaled-dot-product attention) and recomputes the rest (torchtitan's "op" mode);
+  SAVE_OPS (matmuls and scaled-dot-product attention: revkernels.store.MATMUL_OPS, the ops the reversible
+  store policy keeps) and recomputes the rest (torchtitan's "op" mode);
 - reversible (the preset's scheme) with stored_layers = each k of the preset, with and without
   store_policy="matmuls" (the recomputed layers keep their matmul and attention outputs; at k = L
   nothing is recomputed, so that row is the plain one).
@@ -36,6 +37,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from ..memory import SavedTensorBytes
 from ..models import GPTConfig
+from ..store import MATMUL_OPS
 from ._probe import TrainStep
 from .common import MIB, figure, interleaved_ms, markdown_table, mib, progress, quantiles, write_csv, write_report
 from .cost_model import GPT2_SMALL
@@ -57,16 +59,9 @@ FIXED = ("baseline", "checkpoint", "selective-ac")
 FIXED_LABELS = {"baseline": "baseline", "checkpoint": "checkpoint", "selective-ac": "selective AC"}
 
 
-def _save_ops():
-    """The aten ops whose outputs selective AC keeps: matmuls and every scaled-dot-product-attention
-    kernel this torch build has (flash / efficient / cuDNN on CUDA, flash-for-CPU on a CPU)."""
-    aten = torch.ops.aten
-    names = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
-    return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
-
-
-SAVE_OPS = _save_ops()
+# The same ops as the reversible stack's store_policy="matmuls": matmuls and every scaled-dot-product-attention
+# kernel (flash / efficient / cuDNN on CUDA, flash-for-CPU on a CPU).
+SAVE_OPS = MATMUL_OPS
 
 
 def _policy(ctx, op, *args, **kwargs):

@@ -70,12 +70,13 @@ def _steptime(shape, batch, preset):
 def settings(preset: str) -> dict:
     """Every step's settings: the gpu preset's, or `tiny` shapes that rehearse the same code on a CPU."""
     if preset == "tiny":
-        tiny_fr = dict(frontier.PRESETS["tiny"], stored=(0, 1), policies=(None,), rounds=1)
+        tiny_fr = dict(frontier.PRESETS["tiny"], fixed=("baseline", "selective-ac"), stored=(0, 1), policies=(None,),
+                       rounds=1)
         return dict(
             tests=dict(files=("tests/test_bench.py",), select="markdown_table", workers=0),
             kernels=kernels.PRESETS["tiny"],
             steptime=(("L3", tiny_fr),),
-            memory=dict(memory_depth.PRESETS["tiny"], depths=(1, 2), archs=("baseline", "midpoint")),
+            memory=dict(memory_depth.PRESETS["tiny"], depths=(1,), archs=("baseline", "midpoint")),
             max_batch=dict(max_batch.PRESETS["tiny"], hybrid=dict(arch="midpoint", stored=(1,))),
             table4=dict(throughput_depth.PRESETS["tiny"], archs=(), depths=(1,)))
     return dict(
