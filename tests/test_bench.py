@@ -214,6 +214,26 @@ def test_frontier_writes_every_configuration_with_its_memory(tmp_path, capsys, r
     assert "Does the reversible hybrid dominate" in md and f"all stored (k={L}) / baseline" in md
 
 
+def test_frontier_records_a_failing_configuration_and_measures_the_others(tmp_path, monkeypatch, restore_threads):
+    torch.set_num_threads(1)
+    build = frontier.build_step
+
+    def build_or_fail(p, device, method, k=None, policy=None):
+        if policy:
+            raise NotImplementedError("no store policy on this torch")
+        return build(p, device, method, k, policy)
+
+    monkeypatch.setattr(frontier, "build_step", build_or_fail)
+    p = dict(frontier.PRESETS["tiny"], fixed=("baseline",), stored=(0, 3), rounds=1)
+    md = frontier.run(Context("frontier", "tiny", tmp_path), p)
+    rows = {r["config"]: r for r in read_csv(tmp_path / "frontier.csv")}
+    assert rows["midpoint k=0 +matmuls"]["error"] == "NotImplementedError: no store policy on this torch"
+    assert rows["midpoint k=0 +matmuls"]["step_ms"] == ""
+    assert all(float(rows[c]["step_ms"]) > 0 and not rows[c]["error"] for c in ("baseline", "midpoint k=0",
+                                                                                 "midpoint k=3"))
+    assert "failed: NotImplementedError" in md
+
+
 def test_frontier_dominance_and_pareto():
     def row(config, method, mem, t, k=None):
         return dict(config=config, method=method, activation_bytes=mem, vs_baseline=t, stored_layers=k,

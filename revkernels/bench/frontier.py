@@ -28,6 +28,7 @@ as fast (median ratio to baseline) at no more activation memory.
 """
 import dataclasses
 import gc
+import traceback
 from contextlib import contextmanager
 
 import torch
@@ -54,7 +55,7 @@ PRESETS = {
 POLICY = "matmuls"
 COLUMNS = ("config", "method", "stored_layers", "store_policy", "n_layers", "batch", "step_ms", "step_ms_p20",
            "step_ms_p80", "vs_baseline", "vs_baseline_p20", "vs_baseline_p80", "saved_bytes", "cache_bytes",
-           "policy_bytes", "activation_bytes", "peak_bytes", "loss0", "device", "preset")
+           "policy_bytes", "activation_bytes", "peak_bytes", "loss0", "error", "device", "preset")
 FIXED = ("baseline", "checkpoint", "selective-ac")
 FIXED_LABELS = {"baseline": "baseline", "checkpoint": "checkpoint", "selective-ac": "selective AC"}
 
@@ -177,14 +178,26 @@ def measure_memory(step: TrainStep) -> dict:
 
 
 def measure_memory_rows(ctx, p, configs) -> tuple:
-    """({label: TrainStep}, {label: row}): every configuration built and its memory measured (one step each)."""
+    """({label: TrainStep}, {label: row}): every configuration built and its memory measured (one step each).
+    A configuration that raises (out of memory, or an API this torch lacks) gets its error in its row, the
+    traceback on stderr, and no timing: on a GPU window run blind, the others still get measured."""
     steps, rows = {}, {}
     for label, method, k, policy in progress(configs, "frontier: build + memory"):
         ctx.check_time(f"frontier {label}")
-        steps[label] = build_step(p, ctx.device, method, k, policy)
         rows[label] = dict(config=label, method=method, stored_layers=k, store_policy=policy,
                            n_layers=p["shape"]["n_layers"], batch=p["batch"], device=ctx.device_name,
-                           preset=ctx.preset, **measure_memory(steps[label]))
+                           preset=ctx.preset, error=None)
+        try:
+            step = build_step(p, ctx.device, method, k, policy)
+            rows[label].update(measure_memory(step))
+            steps[label] = step
+        except Exception as err:  # noqa: BLE001 - recorded in the row and the report, never dropped
+            traceback.print_exc()
+            rows[label]["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            step = None                     # drop what the failed configuration built
+            gc.collect()
+            if ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
     return steps, rows
 
 
@@ -273,6 +286,9 @@ def _markdown(ctx, p, rows) -> str:
               "vs baseline (p20-p80)"] + (["peak MiB"] if gpu else [])
     table = []
     for r in rows:
+        if r.get("error"):
+            table.append([r["config"], f"failed: {r['error']}"] + [""] * (len(header) - 2))
+            continue
         cells = [r["config"], mib(r["activation_bytes"]), mib(r["saved_bytes"]), mib(r["cache_bytes"]),
                  mib(r["policy_bytes"]),
                  f"{_fmt(r.get('step_ms'), '.1f')} ({_fmt(r.get('step_ms_p20'), '.1f')}-"
@@ -305,7 +321,7 @@ def _markdown(ctx, p, rows) -> str:
         ratio_lines.append("- stored_layers / store_policy are not in this GPTConfig: only the k=0 reversible row ran.")
     front = ", ".join(r["config"] for r in pareto(rows))
     shape = ", ".join(f"{k}={v}" for k, v in p["shape"].items())
-    loss_spread = [r["loss0"] for r in rows if r["method"] == "reversible"]
+    loss_spread = [r["loss0"] for r in rows if r["method"] == "reversible" and not r.get("error")] or [float("nan")]
     return f"""
 Shape: {shape}, batch {p['batch']}, loss_chunk_tokens={p['loss_chunk_tokens']}; AdamW;
 {'bf16 autocast' if gpu else 'fp32'}; reversible scheme `{p['scheme']}`; stored_layers k (the stack's placement)
