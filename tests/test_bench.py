@@ -280,14 +280,17 @@ def test_gpu_check_rehearsal_on_the_cpu(tmp_path, monkeypatch, restore_threads):
     monkeypatch.setenv("REVKERNELS_AUTOTUNE", "1")     # the steps set it to 0 for their probes
     monkeypatch.setattr(tiles, "AUTOTUNE", tiles.AUTOTUNE)
     assert main(["gpu-check", "--preset", "tiny", "--threads", "1", "--out", str(tmp_path)]) == 0
-    log = read_csv(tmp_path / "gpu-check-cpu.csv")
+    log = read_csv(tmp_path / "gpu-check-steps-cpu.csv")
     assert [r["status"] for r in log] == ["done"] * len(gpu_check.steps("gpu-check", "tiny"))
     assert "| 0 | 0 |" in (tmp_path / "gpu-check-tests-cpu.md").read_text()      # no failure, no error
     with tarfile.open(out / "gpu-check-cpu.tar.gz") as tar:
         names = set(tar.getnames())
     assert {"gpu-check-tests-cpu.xml", "gpu-check-kernels-cpu.csv", "gpu-check-steptime-L3-cpu.csv",
-            "gpu-check-memory-cpu.csv", "gpu-check-max-batch-results-cpu.csv", "gpu-check-cpu.md"} <= names
-    assert (out / "gpu-check-cpu.md").read_text().count("| done |") == len(log)
+            "gpu-check-memory-cpu.csv", "gpu-check-max-batch-results-cpu.csv", "gpu-check-summary-cpu.md"} <= names
+    assert (out / "gpu-check-summary-cpu.md").read_text().count("| done |") == len(log)
+    assert main(["gpu-table4", "--preset", "tiny", "--threads", "1", "--out", str(tmp_path)]) == 0
+    assert {r["arch"] for r in read_csv(tmp_path / "gpu-table4-cpu.csv")} == {"baseline", "midpoint"}
+    assert (out / "gpu-table4-cpu.tar.gz").exists()
 
 
 def test_quality_trains_every_arch_and_retrofits_the_baseline(tmp_path, capsys, restore_threads):

@@ -15,13 +15,13 @@ gpu-check runs, in this order, each step saving as it goes (device-tagged files 
 gpu-table4: throughput at max batch, d=512, 8 heads, L=16/32/64/96 (revkernels.bench.throughput_depth).
 
 Time: each step is a chunk of revkernels.bench.plan with a cap: its cost-model estimate times CAP_FACTOR
-(at least CAP_EXTRA_S more than the estimate), cut so that every later step keeps RESERVE of its estimate before the command's limit (WALL_LIMIT_S from
-GPU_CHECK_T0, the epoch second the Makefile records before installing; else from this process's start).
-A step past its cap stops with its finished points saved; a failing step is logged and the next one runs.
-Only the kernels step autotunes the tiles; the steps after it run untuned (see _untuned).
-The progress log is NAME-<device>.csv (plan's columns), the summary NAME-<device>.md. When $OUT is set (the
-device tool brings back only $OUT, at most 8 files), every file of the command is packed after each step into
-$OUT/NAME-<device>.tar.gz, beside a copy of the summary.
+(at least CAP_EXTRA_S more than the estimate), cut so that every later step keeps RESERVE of its estimate
+before the command's limit (WALL_LIMIT_S from GPU_CHECK_T0, the epoch second the Makefile records before
+installing; else from this process's start). A step past its cap stops with its finished points saved; a
+failing step is logged and the next one runs. Only the kernels step autotunes the tiles; the steps after it
+run untuned (see _untuned). The progress log is NAME-steps-<device>.csv (plan's columns), the summary
+NAME-summary-<device>.md. When $OUT is set (the device tool brings back only $OUT, at most 8 files), every
+file of the command is packed after each step into $OUT/NAME-<device>.tar.gz, beside a copy of the summary.
 """
 import importlib.util
 import os
@@ -292,7 +292,7 @@ def main(args) -> int:
     end = monotonic() + WALL_LIMIT_S[command] - (time() - t0) - FINISH_S
     step_list = steps(command, args.preset)
     out = Path(args.out)
-    log = Context(command, args.preset, out, True).path("csv")
+    log = Context(f"{command}-steps", args.preset, out, True).path("csv")
     results = []
 
     def make_context(name, only=None, deadline=None):
@@ -310,7 +310,7 @@ def main(args) -> int:
                            deadline=True, limit_s=limit, keep_going=True)
             status = read_csv(log)[-1]["status"]
         results.append((st, status))
-        summary = _summary(command, make_context(command), results, step_list, t0)
+        summary = _summary(command, make_context(f"{command}-summary"), results, step_list, t0)
         _export(out, command, make_context(command).device_tag, summary)
     return 0 if all(status == "done" for _, status in results) else 3
 

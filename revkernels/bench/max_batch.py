@@ -349,8 +349,8 @@ def _markdown(ctx, p, cfgs, budgets, notes, results) -> str:
     hybrid_text = ""
     if hybrid:
         ks = ", ".join(["0"] + [str(k) for k in hybrid["stored"]])
-        hybrid_text = (f"\n\nTraining speed at each configuration's own max batch (cell: max batch, tokens/s; median of "
-                       f"{p.get('time_steps', 0)} timed steps in the probe of that batch). The hybrid is "
+        hybrid_text = (f"\n\nTraining speed at each configuration's own max batch (cell: max batch, tokens/s; "
+                       f"median of {p.get('time_steps', 0)} timed steps in the probe of that batch). The hybrid is "
                        f"`{hybrid['arch']}` with stored_layers k in {{{ks}}}: the (batch, k) pair with the most "
                        f"tokens/s under each budget"
                        + ("" if hybrid_supported() else " (this GPTConfig has no stored_layers: k = 0 only)")

@@ -170,8 +170,9 @@ def gpu_plan() -> list:
                f"{EX['gpu']['step']['batch']}; midpoint_a side bits", _exact_s(), {}),
               ("memory-depth", f"memory-depth: {len(md['archs'])} archs, GPT-2 small width, batch {md['batch']}, "
                f"{depths(md['depths'])}", _memory_depth_s(md["archs"], md["depths"]), {}),
-              ("max-batch", f"max-batch: {', '.join(mb['archs'])}, hybrid k={'/'.join(map(str, mb['hybrid']['stored']))}"
-               f"; GPT-2 small, T=1024; 24/40/48/80 GB", _max_batch_s(mb["budgets"]), {})]
+              ("max-batch", f"max-batch: {', '.join(mb['archs'])}, hybrid k="
+               f"{'/'.join(map(str, mb['hybrid']['stored']))}; GPT-2 small, T=1024; 24/40/48/80 GB",
+               _max_batch_s(mb["budgets"]), {})]
     for ds in (td["depths"][:2], td["depths"][2:]):
         chunks.append(("throughput-depth", f"throughput-depth: d=512, {depths(ds)}; {' and '.join(td['max_archs'])} "
                        f"at max batch, +checkpoint at batch {td['common_batch']}", _throughput_s(ds),
