@@ -81,7 +81,7 @@ def settings(preset: str) -> dict:
             table4=dict(throughput_depth.PRESETS["tiny"], archs=(), depths=(1,)))
     return dict(
         tests=dict(files=TEST_FILES, select="not cpu", workers=TEST_WORKERS),
-        # GPT-2 small's width, so step 3 reuses the tiles tuned here; two sizes beyond the 50 MB L2
+        # GPT-2 small's width; two sizes beyond the 50 MB L2
         kernels=dict(kernels.PRESETS["gpu"], sizes=(2 ** 24, 2 ** 26), copy_ref=2 ** 26, d=768, compile=False),
         steptime=(("L12", _steptime(cm.GPT2_SMALL, 8, "gpu")), ("L48", _steptime(GPT_L48, 8, "gpu"))),
         memory=dict(memory_depth.PRESETS["gpu"], depths=(16, 48), archs=("baseline", "checkpoint", "midpoint")),
