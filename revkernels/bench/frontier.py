@@ -46,7 +46,7 @@ from .cost_model import GPT2_SMALL
 PRESETS = {
     # the table: GPT d=256, L=8, B=8, T=128, one intra-op thread
     "cpu": dict(shape=dict(vocab_size=256, seq_len=128, d_model=256, n_heads=4, n_layers=8), batch=8,
-                loss_chunk_tokens=0, scheme="midpoint", stored=tuple(range(9)), warmup=0, rounds=4, per_round=1),
+                loss_chunk_tokens=0, scheme="midpoint", stored=tuple(range(9)), warmup=1, rounds=4, per_round=1),
     "gpu": dict(shape=GPT2_SMALL, batch=8, loss_chunk_tokens=4096, scheme="midpoint", stored=(0, 3, 6, 9, 12),
                 warmup=2, rounds=6, per_round=2),
     "tiny": dict(shape=dict(vocab_size=64, seq_len=16, d_model=32, n_heads=2, n_layers=3), batch=2,
@@ -357,8 +357,8 @@ def _plot(ctx, p, rows):
         if not line:
             continue
         xs, ys = [r["vs_baseline"] for r in line], [r["activation_bytes"] / MIB for r in line]
-        ax.plot(xs, ys, style, label=f"{p['scheme']}, stored_layers 0..{p['shape']['n_layers']}"
-                + (f", store_policy={policy}" if policy else ""))
+        ax.plot(xs, ys, style, label=f"{p['scheme']}, stored_layers {line[0]['stored_layers']}.."
+                f"{line[-1]['stored_layers']}" + (f", store_policy={policy}" if policy else ""))
         for r, x, y in zip(line, xs, ys):
             ax.annotate(f"k={r['stored_layers']}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     for method, marker in zip(FIXED, ("*", "X", "D")):
