@@ -19,6 +19,9 @@ from revkernels.retrofit.core import retrofit_stack
 CFG = dict(vocab_size=32, seq_len=8, d_model=16, n_heads=2, n_layers=3)
 BATCH = 4
 EXACT_ARCHS = ("midpoint-exact", "hamiltonian-exact")
+# Hybrids: the last two layers keep their graph (built in the forward with FSDP2's unsharded
+# parameters), the first is recomputed keeping its matmul/attention outputs.
+HYBRID_ARCHS = ("midpoint-stored", "hamiltonian-stored")
 LR = 0.1
 
 
@@ -30,13 +33,15 @@ def batch():
 
 def build(arch, n_layers=None):
     """A tiny GPT of `arch`; 'retrofit' is a retrofitted baseline GPT (midpoint(a=0.5), 1 iteration);
-    'ARCH-exact' is ARCH in exact mode."""
+    'ARCH-exact' is ARCH in exact mode, 'ARCH-stored' ARCH with stored_layers=2, store_policy='matmuls'."""
     torch.manual_seed(0)
     cfg = dict(CFG, n_layers=n_layers or CFG["n_layers"])
     if arch == "retrofit":
         return rk.retrofit(rk.GPT(rk.GPTConfig(arch="baseline", **cfg)), a=0.5, iterations=1)
     if arch.endswith("-exact"):
         return rk.GPT(rk.GPTConfig(arch=arch.removesuffix("-exact"), exact=True, **cfg))
+    if arch.endswith("-stored"):
+        return rk.GPT(rk.GPTConfig(arch=arch.removesuffix("-stored"), stored_layers=2, store_policy="matmuls", **cfg))
     return rk.GPT(rk.GPTConfig(arch=arch, **cfg))
 
 
@@ -106,6 +111,9 @@ def run_cases(rank, world):
             results[f"{arch}-reshard{reshard}"] = train_two_steps(fsdp2(build(arch), reshard), rank, world)
     for arch in EXACT_ARCHS:
         results[f"{arch}-reshardTrue"] = train_two_steps(fsdp2(build(arch), True), rank, world)
+    for arch in HYBRID_ARCHS:
+        for reshard in (True, False):
+            results[f"{arch}-reshard{reshard}"] = train_two_steps(fsdp2(build(arch), reshard), rank, world)
     results["midpoint-accumulate"] = train_two_steps(fsdp2(build("midpoint"), True), rank, world, 2)
     results["hamiltonian-accumulate"] = train_two_steps(fsdp2(build("hamiltonian"), True), rank, world, 2)
     results["retrofit-accumulate"] = train_two_steps(fsdp2(build("retrofit"), True), rank, world, 2)

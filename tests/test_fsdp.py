@@ -63,6 +63,14 @@ def test_per_block_fsdp2_exact_mode_matches_one_process(distributed, arch):
     assert_matches(distributed[f"{arch}-reshardTrue"], single_process(arch))
 
 
+@pytest.mark.parametrize("arch", cases.HYBRID_ARCHS)
+@pytest.mark.parametrize("reshard", [True, False])
+def test_per_block_fsdp2_stored_layers_and_store_policy(distributed, arch, reshard):
+    # Stored layers build their graph in the forward with FSDP2's unsharded parameters; their vjp must
+    # still reach FSDP2's reduce-scatter (and the policy's recomputed layer its usual path).
+    assert_matches(distributed[f"{arch}-reshard{reshard}"], single_process(arch))
+
+
 @pytest.mark.parametrize("arch", ["midpoint", "hamiltonian", "retrofit"])
 def test_per_block_fsdp2_gradient_accumulation(distributed, arch):
     # Two micro-batches per rank, set_requires_gradient_sync(False) on the first.
