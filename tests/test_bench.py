@@ -234,6 +234,11 @@ def test_frontier_records_a_failing_configuration_and_measures_the_others(tmp_pa
     assert "failed: NotImplementedError" in md
 
 
+def test_frontier_times_configurations_in_groups_with_their_own_baseline():
+    assert frontier.groups(["baseline", "a", "b", "c"], 2) == [["baseline", "a", "b"], ["baseline", "c"]]
+    assert frontier.groups(["a", "b"], 4) == [["a", "b"]] and frontier.groups(["baseline"], 4) == [["baseline"]]
+
+
 def test_frontier_dominance_and_pareto():
     def row(config, method, mem, t, k=None):
         return dict(config=config, method=method, activation_bytes=mem, vs_baseline=t, stored_layers=k,

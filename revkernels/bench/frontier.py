@@ -19,9 +19,9 @@ forward + backward + AdamW above the memory allocated before the step (activatio
 transients).
 
 Step time: forward + backward + AdamW step; every configuration warmed up (the memory step above, then
-`warmup` more steps), then timed interleaved
+`warmup` more steps), then timed interleaved in groups of GROUP configurations with a baseline of their own
 (`rounds` rounds of `per_round` steps, the order reversed every other round), reporting the median
-(p20, p80) over rounds and the median (p20, p80) of the time ratio to baseline's in the same round.
+(p20, p80) over rounds and the median (p20, p80) of the time ratio to baseline's in the same round and group.
 
 The hybrid dominates a checkpoint / selective-AC point when some reversible configuration is at least
 as fast (median ratio to baseline) at no more activation memory.
@@ -53,6 +53,7 @@ PRESETS = {
                  loss_chunk_tokens=0, scheme="midpoint", stored=(0, 1, 2, 3), warmup=1, rounds=2, per_round=1),
 }
 POLICY = "matmuls"
+GROUP = 4           # configurations timed interleaved with one baseline (see time_rows)
 COLUMNS = ("config", "method", "stored_layers", "store_policy", "n_layers", "batch", "step_ms", "step_ms_p20",
            "step_ms_p80", "vs_baseline", "vs_baseline_p20", "vs_baseline_p80", "saved_bytes", "cache_bytes",
            "policy_bytes", "activation_bytes", "peak_bytes", "loss0", "error", "device", "preset")
@@ -201,16 +202,35 @@ def measure_memory_rows(ctx, p, configs) -> tuple:
     return steps, rows
 
 
+def groups(labels, size) -> list:
+    """The configurations other than baseline in groups of `size`, each with baseline first (when present)."""
+    others = [label for label in labels if label != "baseline"]
+    head = ["baseline"] if "baseline" in labels else []
+    return [head + others[i:i + size] for i in range(0, len(others), size)] or [head]
+
+
 def time_rows(ctx, p, steps, rows):
-    """Add the interleaved step times (and ratios to baseline's in the same round) to `rows`."""
-    ctx.check_time("frontier timing")
-    times = interleaved_ms(steps, ctx.device, p["warmup"], p["rounds"], p["per_round"])
-    base = times.get("baseline")
-    for label, ms in times.items():
-        r = rows[label]
-        r["step_ms"], r["step_ms_p20"], r["step_ms_p80"] = quantiles(ms)
-        if base:
-            r["vs_baseline"], r["vs_baseline_p20"], r["vs_baseline_p80"] = quantiles([t / b for t, b in zip(ms, base)])
+    """Add step times and ratios to baseline's to `rows`: the configurations are timed in groups of `group`
+    (default GROUP), each group interleaved with a baseline of its own (common.interleaved_ms), so a ratio
+    compares steps at most one group's round apart, whatever the number of configurations (on a shared
+    machine the load drifts within a long round). Ratio = median (p20, p80) over rounds of the time over
+    baseline's in the same round and group; baseline's step time pools its rounds of every group."""
+    base_ms = []
+    for names in groups(list(steps), p.get("group", GROUP)):
+        ctx.check_time("frontier timing")
+        times = interleaved_ms({n: steps[n] for n in names}, ctx.device, p["warmup"], p["rounds"], p["per_round"])
+        base = times.get("baseline")
+        base_ms += base or []
+        for label, ms in times.items():
+            r = rows[label]
+            if label != "baseline":
+                r["step_ms"], r["step_ms_p20"], r["step_ms_p80"] = quantiles(ms)
+            if base:
+                r["vs_baseline"], r["vs_baseline_p20"], r["vs_baseline_p80"] = quantiles(
+                    [t / b for t, b in zip(ms, base)])
+    if base_ms:
+        rows["baseline"]["step_ms"], rows["baseline"]["step_ms_p20"], rows["baseline"]["step_ms_p80"] = \
+            quantiles(base_ms)
 
 
 def run(ctx, p=None) -> str:
@@ -325,8 +345,9 @@ def _markdown(ctx, p, rows) -> str:
     return f"""
 Shape: {shape}, batch {p['batch']}, loss_chunk_tokens={p['loss_chunk_tokens']}; AdamW;
 {'bf16 autocast' if gpu else 'fp32'}; reversible scheme `{p['scheme']}`; stored_layers k (the stack's placement)
-with and without store_policy="{POLICY}". Step = forward + backward + AdamW; every configuration timed
-interleaved, {p['rounds']} rounds of {p['per_round']} step(s) after {p['warmup']} warm-up step(s)
+with and without store_policy="{POLICY}". Step = forward + backward + AdamW; the configurations timed
+interleaved in groups of {p.get('group', GROUP)}, each with its own baseline, {p['rounds']} rounds of
+{p['per_round']} step(s) after {p['warmup']} warm-up step(s) (vs baseline: median of the same-round ratios)
 {'' if gpu else '(a shared CPU: read the ratios, measured side by side, rather than the absolute times)'}.
 Activation memory = bytes saved for backward by forward + loss (saved_tensors_hooks, parameters excluded)
 + selective AC's cache (outputs its policy keeps, counted by a TorchDispatchMode) + the reversible stack's

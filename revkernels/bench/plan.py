@@ -113,17 +113,20 @@ def _throughput_s(depths):
 
 
 def _frontier_s(p=None, configs=None):
-    """frontier: each configuration built on the CPU, one memory step, warm-up and interleaved timed steps;
-    plus the Triton JIT of the bf16 reversible kernels (step, inverse, backward step)."""
-    from .frontier import PRESETS, build_config, configurations
+    """frontier: each configuration built on the CPU, one memory step, warm-up and interleaved timed steps (and
+    the baseline's again in every group after the first); plus the Triton JIT of the bf16 reversible kernels
+    (step, inverse, backward step)."""
+    from .frontier import GROUP, PRESETS, build_config, configurations, groups
     p = p or PRESETS["gpu"]
+    configs = configs or configurations(p)
+    timed = p["warmup"] + p["rounds"] * p["per_round"]
     total = 3 * cm.TRITON_JIT_S
-    for label, method, k, policy in (configs or configurations(p)):
+    for label, method, k, policy in configs:
         cfg = build_config(p, method, k, policy)
         n = sum(cm.n_params(cfg).values())
-        total += n / cm.CPU_INIT_PARAMS_PER_S + (1 + p["warmup"] + p["rounds"] * p["per_round"]) * \
-            cm.step_s(cfg, p["batch"])
-    return total
+        total += n / cm.CPU_INIT_PARAMS_PER_S + (1 + timed) * cm.step_s(cfg, p["batch"])
+    extra_baselines = len(groups([c[0] for c in configs], p.get("group", GROUP))) - 1   # one baseline per group
+    return total + extra_baselines * timed * cm.step_s(build_config(p, "baseline"), p["batch"])
 
 
 SAMPLE_TOKEN_S = 0.01       # one batch-1 forward of a 12-layer GPT in eager mode: launch bound, ~10 ms
