@@ -3,7 +3,7 @@ PY := .venv/bin/python
 PRESET ?=
 OUT ?=
 
-.PHONY: setup test test-latest bench bench-plan clean
+.PHONY: setup test test-latest bench bench-plan gpu-check gpu-table4 clean
 
 setup:
 	bash scripts/setup_env.sh
@@ -29,9 +29,27 @@ bench: setup
 	$(PY) -m revkernels.bench all $(if $(PRESET),--preset $(PRESET)) $(if $(OUT),--out $(OUT))
 
 # The GPU plan's chunks and their estimated GPU minutes (no GPU needed); run one with
-# `.venv/bin/python -m revkernels.bench all --preset gpu --chunk N`.
+# `.venv/bin/python -m revkernels.bench all --preset gpu --chunk N`. Also the budgets of gpu-check and gpu-table4.
 bench-plan: setup
 	$(PY) -m revkernels.bench plan
+
+# The GPU verdict in ONE command of at most 8 minutes on a bare H100, install and Triton JIT included: CUDA
+# tests, kernel bandwidth, step times (baseline, checkpoint, selective AC, reversible, hybrid), memory, max
+# batch; device-tagged files in plots/ (packed into $$OUT/gpu-check-<device>.tar.gz when OUT is set). No
+# set-up: the GPU machine's own python3 has torch and triton and no network. gpu-table4: the paper's Table 4
+# in a second command of at most 6 minutes. DRY_RUN=1 lists the steps and their estimated minutes (no GPU).
+# A rerun resumes from the CSVs in plots/; delete plots/gpu-check*-<device>.* to measure again.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+DRY_RUN ?=
+
+gpu-check gpu-table4:
+ifeq ($(DRY_RUN),)
+	export GPU_CHECK_T0=$$(date +%s) PYTHONUNBUFFERED=1 && \
+	  $(GPU_PY) -m pip install -q --no-deps --no-build-isolation -e . && \
+	  $(GPU_PY) -m revkernels.bench $@
+else
+	$(GPU_PY) -m revkernels.bench $@ --dry-run
+endif
 
 clean:
 	rm -rf .venv .venv-latest bench-out $(OUT) .pytest_cache

@@ -88,7 +88,7 @@ def stored_indices(stored_layers, n_layers):
 def _needs_backward(inputs, blocks):
     """Whether autograd will record a call on `inputs` (none given: whenever grad is enabled); only
     then is keeping graphs or op outputs worth it."""
-    return torch.is_grad_enabled() and (not inputs or any(x.requires_grad for x in inputs) or
+    return torch.is_grad_enabled() and (len(inputs) == 0 or any(x.requires_grad for x in inputs) or
                                         any(p.requires_grad for b in blocks for p in b.parameters()))
 
 
@@ -188,8 +188,8 @@ class _StackBase(nn.Module):
         preserve = self.preserve_rng_state
         if preserve == "auto":
             preserve = _uses_dropout(blocks)
-        keep = bool(self.stored_layers or self.store_policy) and _needs_backward(inputs, blocks)
-        if keep and (self.stored_layers or self.store_policy) and torch.compiler.is_compiling():
+        keep = (len(self.stored_layers) > 0 or self.store_policy is not None) and _needs_backward(inputs, blocks)
+        if keep and torch.compiler.is_compiling():
             raise NotImplementedError(
                 "stored_layers / store_policy under a whole-model torch.compile: compile the blocks instead "
                 "(torch.compile(block)), or set stored_layers=0 and store_policy=None")

@@ -87,13 +87,13 @@ def block_forward(run, j, state, fresh=False):
 
 def block_graph(run, j, state, fwd: BlockForward, ambient, stored_out=None):
     """(input leaf, output) of block j at `state` with grad: the stored graph (`stored_out`, the output
-    the forward saved), or a recompute returning the outputs the store policy kept. Drops what the
-    forward left for this block."""
+    the forward saved; the leaf is dropped here), or a recompute returning the outputs the store policy
+    kept (each released as the replay consumes it). A recompute mutates nothing: a whole-model
+    torch.compile traces it."""
     if fwd.leaf is not None:
         leaf, fwd.leaf = fwd.leaf, None
         return leaf, stored_out
-    store, fwd.store = fwd.store, None
-    return _recompute(run, j, state, fwd.replay, ambient, store)
+    return _recompute(run, j, state, fwd.replay, ambient, fwd.store)
 
 
 def _fsdp2_blocks(blocks):

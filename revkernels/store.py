@@ -86,11 +86,14 @@ class BlockStore:
         return CheckpointPolicy.MUST_SAVE
 
     def record(self, block, x):
-        """block(x) detached, keeping the policy's op outputs (and nothing autograd would save)."""
+        """block(x) detached, keeping the policy's op outputs (and nothing autograd would save).
+        Runs with Dynamo off, as the backward's recompute does: under a whole-model torch.compile
+        with graph breaks, Dynamo would otherwise compile the block's frames here and run other ops
+        than the eager recompute (blocks compiled on their own stay compiled in both)."""
         inp = x.detach().requires_grad_(True)
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_discard, _never_unpacked), \
                 self._caching:
-            out = block(inp)
+            out = torch.compiler.disable(block)(inp)
         return out.detach() if isinstance(out, torch.Tensor) else out
 
     def replay(self):

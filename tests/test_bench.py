@@ -1,7 +1,7 @@
 """Benchmark suite: the fused ops as pytest-benchmark tests (CI runs each once, untimed, as a
 correctness smoke test), the max-batch search and its resumable log, every benchmark's code path end
-to end on the `tiny` preset, the quality benchmark's rows, the GPU plan's chunk estimates and the
-command line's help and input errors."""
+to end on the `tiny` preset, the quality benchmark's rows, the memory/time frontier, the GPU plan's chunk
+estimates, gpu-check's budget and its CPU rehearsal, and the command line's help and input errors."""
 import csv
 import math
 import os
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from revkernels import ops, tiles
-from revkernels.bench import cost_model, drift, exact, kernels, max_batch, plan, quality, throughput_depth
+from revkernels.bench import cost_model, drift, exact, frontier, gpu_check, kernels, max_batch, plan, quality, \
+    throughput_depth
 from revkernels.bench.__main__ import BENCHMARKS, build_parser, main
 from revkernels.bench._probe import measure, run_probe
 from revkernels.bench.common import ChunkTimeUp, Context, markdown_table, read_csv, write_csv
@@ -115,8 +116,8 @@ def _check_cli_files(name, tmp_path, capsys):
         assert len(list(csv.DictReader(fh))) > 0
 
 
-# quality, drift, exact: their own tests below check these files too
-@pytest.mark.parametrize("name", [n for n in BENCHMARKS if n not in ("quality", "drift", "exact")])
+# quality, drift, exact, frontier: their own tests below check these files too
+@pytest.mark.parametrize("name", [n for n in BENCHMARKS if n not in ("quality", "drift", "exact", "frontier")])
 def test_cli_writes_csv_png_md(name, tmp_path, capsys, restore_threads):
     assert main([name, *TINY, "--out", str(tmp_path)]) == 0
     _check_cli_files(name, tmp_path, capsys)
@@ -149,6 +150,152 @@ def test_max_batch_resumes_from_its_log(tmp_path, monkeypatch, restore_threads):
     monkeypatch.setattr(max_batch, "run_probe", no_probe)
     main(["max-batch", *TINY, "--out", str(tmp_path)])
     assert read_csv(tmp_path / "max-batch.csv") == log
+
+
+def test_max_batch_has_a_hybrid_row_with_tokens_per_s(tmp_path, restore_threads):
+    """Every configuration of the tiny preset (baseline, midpoint, midpoint with stored_layers 1 and 2) gets a
+    max batch and its tokens/s there; the report's hybrid row picks the fastest reversible one."""
+    main(["max-batch", *TINY, "--out", str(tmp_path)])
+    results = read_csv(tmp_path / "max-batch-results.csv")
+    assert {r["arch"] for r in results} == {"baseline", "midpoint", "midpoint k=1", "midpoint k=2"}
+    assert all(int(r["batch"]) >= 1 and float(r["tokens_per_s"]) > 0 for r in results)
+    assert len({r["shape"] for r in results}) == 3               # the stored layers are part of the probe key
+    fastest = max((r for r in results if r["arch"].startswith("midpoint")), key=lambda r: float(r["tokens_per_s"]))
+    k = fastest["arch"].split("k=")[1] if "k=" in fastest["arch"] else "0"
+    md = (tmp_path / "max-batch.md").read_text()
+    assert "hybrid (best k)" in md and f"| k={k}: {_batch_text(fastest)}, {float(fastest['tokens_per_s']):.0f} |" in md
+
+
+def _batch_text(r):
+    return (">= " if r["capped"] == "True" else "") + r["batch"]
+
+
+def test_max_batch_rewrites_an_older_log_to_the_new_columns(tmp_path):
+    path = tmp_path / "log.csv"
+    write_csv(path, [dict(arch="baseline", batch=2)], ("arch", "batch"))
+    max_batch.upgrade_csv(path, max_batch.LOG_COLUMNS)
+    rows = read_csv(path)
+    assert tuple(rows[0]) == max_batch.LOG_COLUMNS and rows[0]["batch"] == "2" and rows[0]["step_ms"] == ""
+
+
+def test_frontier_writes_every_configuration_with_its_memory(tmp_path, capsys, restore_threads):
+    """Tiny frontier: a row per configuration; the reversible rows compute the same forward (same first loss);
+    saved bytes grow with stored_layers and the policy store shrinks with it; selective AC's cache, counted
+    by a dispatch mode, equals the reversible store policy's bytes (counted by the stack) at k=0, since both
+    keep the same op outputs of the same blocks."""
+    assert main(["frontier", *TINY, "--out", str(tmp_path)]) == 0
+    _check_cli_files("frontier", tmp_path, capsys)
+    rows = {r["config"]: r for r in read_csv(tmp_path / "frontier.csv")}
+    p = frontier.PRESETS["tiny"]
+    L = p["shape"]["n_layers"]
+    assert list(rows) == [label for label, *_ in frontier.configurations(p)]
+    assert {"baseline", "checkpoint", "selective AC"} <= set(rows)
+    assert float(rows["baseline"]["vs_baseline"]) == 1.0 and all(float(r["step_ms"]) > 0 for r in rows.values())
+
+    def col(name, policy=None, ks=range(L + 1)):
+        suffix = f" +{policy}" if policy else ""
+        return [int(rows[f"midpoint k={k}{suffix}"][name]) for k in ks]
+
+    saved = col("saved_bytes")
+    assert all(a < b for a, b in zip(saved, saved[1:])), saved      # each stored layer keeps its graph
+    act = col("activation_bytes")
+    assert act == sorted(act) and col("policy_bytes") == [0] * (L + 1)
+    store = col("policy_bytes", "matmuls", range(L))
+    assert all(a > b > 0 for a, b in zip(store, store[1:])), store   # fewer recomputed layers, less kept
+    assert col("saved_bytes", "matmuls", range(L)) == saved[:L]
+    sac = rows["selective AC"]
+    assert int(sac["cache_bytes"]) == store[0] > 0
+    assert int(sac["saved_bytes"]) == int(rows["checkpoint"]["saved_bytes"])   # both keep each layer's input
+    assert int(rows["baseline"]["activation_bytes"]) > int(sac["activation_bytes"]) > int(rows["checkpoint"]
+                                                                                          ["activation_bytes"])
+    losses = [float(r["loss0"]) for r in rows.values() if r["method"] == "reversible"]
+    assert max(losses) - min(losses) < 1e-5 * abs(losses[0])           # fp32, same forward: rounding only
+    md = (tmp_path / "frontier.md").read_text()
+    assert "Does the reversible hybrid dominate" in md and f"all stored (k={L}) / baseline" in md
+
+
+def test_frontier_records_a_failing_configuration_and_measures_the_others(tmp_path, monkeypatch, restore_threads):
+    torch.set_num_threads(1)
+    build = frontier.build_step
+
+    def build_or_fail(p, device, method, k=None, policy=None):
+        if policy:
+            raise NotImplementedError("no store policy on this torch")
+        return build(p, device, method, k, policy)
+
+    monkeypatch.setattr(frontier, "build_step", build_or_fail)
+    p = dict(frontier.PRESETS["tiny"], fixed=("baseline",), stored=(0, 3), rounds=1)
+    md = frontier.run(Context("frontier", "tiny", tmp_path), p)
+    rows = {r["config"]: r for r in read_csv(tmp_path / "frontier.csv")}
+    assert rows["midpoint k=0 +matmuls"]["error"] == "NotImplementedError: no store policy on this torch"
+    assert rows["midpoint k=0 +matmuls"]["step_ms"] == ""
+    assert all(float(rows[c]["step_ms"]) > 0 and not rows[c]["error"] for c in ("baseline", "midpoint k=0",
+                                                                                 "midpoint k=3"))
+    assert "failed: NotImplementedError" in md
+
+
+def test_frontier_times_configurations_in_groups_with_their_own_baseline():
+    assert frontier.groups(["baseline", "a", "b", "c"], 2) == [["baseline", "a", "b"], ["baseline", "c"]]
+    assert frontier.groups(["a", "b"], 4) == [["a", "b"]] and frontier.groups(["baseline"], 4) == [["baseline"]]
+
+
+def test_frontier_dominance_and_pareto():
+    def row(config, method, mem, t, k=None):
+        return dict(config=config, method=method, activation_bytes=mem, vs_baseline=t, stored_layers=k,
+                    store_policy=None)
+    rows = [row("baseline", "baseline", 100, 1.0), row("checkpoint", "checkpoint", 10, 1.3),
+            row("selective AC", "selective-ac", 60, 1.1), row("k=0", "reversible", 5, 1.4, 0),
+            row("k=1", "reversible", 9, 1.25, 1), row("k=2", "reversible", 50, 1.15, 2),
+            row("k=3", "reversible", 95, 1.02, 3)]
+    verdict = {ref["config"]: (best and best["config"], ok) for ref, best, ok in frontier.dominance(rows)}
+    assert verdict == {"checkpoint": ("k=1", True), "selective AC": ("k=2", False)}
+    assert [r["config"] for r in frontier.pareto(rows)] == ["k=0", "k=1", "k=2", "k=3"]
+    assert frontier.ratios(dict(shape=dict(n_layers=3)), rows) == pytest.approx(
+        dict(all_stored_vs_baseline=1.02, all_stored_vs_none_stored=1.02 / 1.4))
+
+
+def test_gpu_check_dry_run_lists_steps_under_eight_minutes(capsys):
+    """`make gpu-check DRY_RUN=1`: the steps in the issue's order with their estimated minutes, which with the
+    install add up to under 8 (and Table 4's command to under 6); the caps keep every later step its reserve."""
+    assert main(["gpu-check", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| ") and line.split("|")[1].strip()
+            .isdigit()]
+    names = [r[2].strip() for r in rows]
+    assert names == ["gpu-check-tests", "gpu-check-kernels", "gpu-check-steptime-L12", "gpu-check-steptime-L48",
+                     "gpu-check-memory", "gpu-check-max-batch"]
+    minutes = [float(r[-2]) for r in rows]
+    assert all(m > 0 for m in minutes) and sum(minutes) + gpu_check.INSTALL_S / 60 < 8
+    assert gpu_check.estimate_s("gpu-check") < gpu_check.WALL_LIMIT_S["gpu-check"] == 8 * 60
+    assert gpu_check.estimate_s("gpu-table4") < gpu_check.WALL_LIMIT_S["gpu-table4"] == 6 * 60
+    steps = gpu_check.steps("gpu-check")
+    end = 400.0
+    for i, deadline in enumerate(gpu_check.caps(steps, 0.0, end)):
+        later = sum(s.chunk.estimate_s for s in steps[i + 1:])
+        assert steps[i].chunk.estimate_s < deadline <= end - gpu_check.RESERVE * later
+    assert main(["plan"]) == 0 and "`gpu-check`, one GPU command" in capsys.readouterr().out
+
+
+def test_gpu_check_rehearsal_on_the_cpu(tmp_path, monkeypatch, restore_threads):
+    """gpu-check's code end to end at tiny shapes on the CPU (what a GPU window will run blind): every step
+    done, its files written, the summary and an archive of every file in $OUT."""
+    import tarfile
+    out = tmp_path / "device-out"
+    monkeypatch.setenv("OUT", str(out))
+    monkeypatch.setenv("REVKERNELS_AUTOTUNE", "1")     # the steps set it to 0 for their probes
+    monkeypatch.setattr(tiles, "AUTOTUNE", tiles.AUTOTUNE)
+    assert main(["gpu-check", "--preset", "tiny", "--threads", "1", "--out", str(tmp_path)]) == 0
+    log = read_csv(tmp_path / "gpu-check-steps-cpu.csv")
+    assert [r["status"] for r in log] == ["done"] * len(gpu_check.steps("gpu-check", "tiny"))
+    assert "| 0 | 0 |" in (tmp_path / "gpu-check-tests-cpu.md").read_text()      # no failure, no error
+    with tarfile.open(out / "gpu-check-cpu.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"gpu-check-tests-cpu.xml", "gpu-check-kernels-cpu.csv", "gpu-check-steptime-L3-cpu.csv",
+            "gpu-check-memory-cpu.csv", "gpu-check-max-batch-results-cpu.csv", "gpu-check-summary-cpu.md"} <= names
+    assert (out / "gpu-check-summary-cpu.md").read_text().count("| done |") == len(log)
+    assert main(["gpu-table4", "--preset", "tiny", "--threads", "1", "--out", str(tmp_path)]) == 0
+    assert {r["arch"] for r in read_csv(tmp_path / "gpu-table4-cpu.csv")} == {"baseline", "midpoint"}
+    assert (out / "gpu-table4-cpu.tar.gz").exists()
 
 
 def test_quality_trains_every_arch_and_retrofits_the_baseline(tmp_path, capsys, restore_threads):
@@ -193,14 +340,14 @@ def test_gpu_plan_chunks_fit_the_gpu_window(capsys):
     chunks = plan.gpu_plan()
     assert [c.number for c in chunks] == list(range(1, len(chunks) + 1))
     assert all(0 < c.estimate_s < 9 * 60 for c in chunks) and plan.CHUNK_LIMIT_S < 9 * 60
-    assert sum(c.estimate_s for c in chunks) < 25 * 60
+    assert sum(c.estimate_s for c in chunks) < plan.TOTAL_LIMIT_S
     covered = {c.benchmark for c in chunks}
     assert {"kernels", "memory-depth", "max-batch", "throughput-depth", "drift"} <= covered
     assert main(["plan", "--preset", "gpu", "--dry-run"]) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().out.split("\nTotal:")[0]          # the plan's table (gpu-check's budgets follow)
     minutes = [float(line.split("|")[-2]) for line in out.splitlines() if line.startswith("| ") and
                line.split("|")[1].strip().isdigit()]
-    assert len(minutes) == len(chunks) and all(m < 9 for m in minutes) and sum(minutes) < 25
+    assert len(minutes) == len(chunks) and all(m < 9 for m in minutes) and sum(minutes) < plan.TOTAL_LIMIT_S / 60
 
 
 def test_cost_model_bounds_batches_sensibly():
@@ -208,6 +355,11 @@ def test_cost_model_bounds_batches_sensibly():
     base, rev = (cost_model.max_batch(dict(gpt2, arch=a), 80e9) for a in ("baseline", "midpoint"))
     assert 0 < base < rev and cost_model.max_batch(dict(gpt2, arch="baseline"), 40e9) < base
     assert cost_model.step_s(dict(gpt2, arch="midpoint"), 8) > cost_model.step_s(dict(gpt2, arch="baseline"), 8)
+    hybrid = [dict(gpt2, arch="midpoint", stored_layers=k) for k in (0, 6, 12)]
+    batches = [cost_model.max_batch(c, 80e9) for c in hybrid]
+    assert rev == batches[0] > batches[1] > batches[2] > 0      # k=L keeps the states and every layer: < baseline
+    times = [cost_model.step_s(c, 8) for c in hybrid]
+    assert times[0] > times[1] > times[2] == pytest.approx(cost_model.step_s(dict(gpt2, arch="baseline"), 8))
 
 
 def test_chunk_stops_at_its_deadline_and_is_logged(tmp_path):

@@ -269,3 +269,47 @@ def test_bad_store_policy_refused():
     with pytest.raises(ValueError, match="store_policy must be None or one of"):
         stack.store_policy = "everything"
     assert stack.store_policy is None
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+def test_compiled_blocks_keep_stored_graphs_and_policy_outputs():
+    """Blocks compiled on their own (DESIGN 6: compile the blocks, not the stack) run compiled in the
+    forward and in the recompute alike: the policy replays the compiled graph's matmuls."""
+    x = x_in()
+    ref_stack = make("midpoint", 3)
+    ref_stack.reversible = False
+    ref = run(ref_stack, x)
+    stack = make("midpoint", 3, stored_layers=1, store_policy="matmuls")
+    stack.blocks = torch.nn.ModuleList(torch.compile(b, backend="aot_eager") for b in stack.blocks)
+    got = run(stack, x)
+    assert stack.last_policy_bytes > 0
+    assert normwise(got, ref) <= tol("cpu")
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("fullgraph", (True, False))
+def test_whole_model_compile(monkeypatch, fullgraph):
+    """fullgraph=True: refused at the forward (the traced backward cannot keep graphs or replay op
+    outputs). With graph breaks, Dynamo hands the stack back to eager; the policy's forward runs the
+    blocks with Dynamo off, as the eager recompute does, so both see the same ops: eager's gradients."""
+    monkeypatch.undo()  # conftest's NaN-filling allocator wrappers are not traceable
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=32, seq_len=8, d_model=D, n_heads=HEADS, n_layers=3)
+    model = rk.GPT(rk.GPTConfig(arch="midpoint", stored_layers=1, store_policy="matmuls", **cfg))
+    idx, targets = torch.randint(0, 32, (2, 8)), torch.randint(0, 32, (2, 8))
+    model(idx, targets)[1].backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=fullgraph, backend="aot_eager")
+    try:
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            if fullgraph:
+                with pytest.raises(Exception, match="stored_layers / store_policy under a whole-model torch.compile"):
+                    compiled(idx, targets)
+                return
+            compiled(idx, targets)[1].backward()
+        for p, g in zip(model.parameters(), ref):
+            torch.testing.assert_close(p.grad, g, rtol=0, atol=0)   # the same eager kernels: equal
+    finally:
+        torch._dynamo.reset()

@@ -19,15 +19,20 @@ BENCHMARKS = {
     "exact": "exact",
     "stability": "stability",
     "quality": "quality",
+    "frontier": "frontier",
 }
+WINDOW_COMMANDS = ("gpu-check", "gpu-table4")     # one GPU command each (revkernels.bench.gpu_check)
 DESCRIPTION = """\
 Benchmarks of revkernels. Each writes OUT/NAME.csv, OUT/NAME.png and OUT/NAME.md (a markdown report
 naming the device and preset, with the targets and the paper's figures beside the measured ones) and
 prints the markdown.
 
-NAME is one benchmark, `all` (every one in turn; on the gpu preset, the GPU plan's chunks), or `plan`
+NAME is one benchmark, `all` (every one in turn; on the gpu preset, the GPU plan's chunks), `plan`
 (print the GPU plan's chunks with their estimated GPU minutes and, where a GPU is present, which are
-done; it runs nothing).
+done; it runs nothing), `gpu-check` (the GPU verdict in one command of at most 8 minutes: CUDA tests,
+kernel bandwidth, step times, memory, max batch; `make gpu-check`) or `gpu-table4` (the paper's Table 4 in
+one command of at most 6 minutes; `make gpu-table4`). With --dry-run these two list their steps and
+estimated minutes without a GPU; `--preset tiny` rehearses them on the CPU at tiny shapes.
 
   kernels           fused ops against PyTorch eager and torch.compile (GPU: GB/s vs copy bandwidth)
   memory-depth      activation memory of a training step against depth, every arch
@@ -37,6 +42,7 @@ done; it runs nothing).
   exact             exact mode's cost: step time of exact=True vs exact=False, midpoint_a's side bits
   stability         linear stability regions of the schemes (closed form)
   quality           five archs trained on real text, then the retrofit of the trained baseline
+  frontier          activation memory vs step time: checkpoint, selective AC, reversible stored_layers 0..L
 
 Presets: cpu (small shapes; `make bench` runs them all in about 5 minutes on 2 cores) and gpu (the
 paper's shapes on the current CUDA device, as a plan of resumable chunks of under 9 minutes:
@@ -63,8 +69,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="python -m revkernels.bench", description=DESCRIPTION, formatter_class=_HelpFormatter)
-    ap.add_argument("name", choices=list(BENCHMARKS) + ["all", "plan"], metavar="NAME",
-                    help="the benchmark to run: " + ", ".join(list(BENCHMARKS) + ["all", "plan"]))
+    ap.add_argument("name", choices=list(BENCHMARKS) + ["all", "plan"] + list(WINDOW_COMMANDS), metavar="NAME",
+                    help="the benchmark to run: " + ", ".join(list(BENCHMARKS) + ["all", "plan"] +
+                                                              list(WINDOW_COMMANDS)))
     ap.add_argument("--preset", choices=("cpu", "gpu", "tiny"), default=None, metavar="{cpu,gpu}",
                     help="shapes and device (default: gpu when CUDA is available, else cpu; `plan`: gpu)")
     ap.add_argument("--out", default=None, metavar="DIR",
@@ -93,12 +100,16 @@ def parse_args(argv=None):
     if args.name == "plan":
         args.preset = args.preset or "gpu"
         args.dry_run = True
+    if args.name in WINDOW_COMMANDS:
+        if args.preset not in (None, "gpu", "tiny"):
+            ap.error(f"{args.name} runs the gpu preset (or tiny, a CPU rehearsal), got --preset {args.preset}")
+        args.preset = args.preset or "gpu"
     args.preset = args.preset or default_preset()
     if args.threads is not None and args.threads < 1:
         ap.error(f"--threads must be >= 1, got {args.threads}")
-    if args.dry_run and args.name not in ("all", "plan"):
-        ap.error("--dry-run goes with `all` or `plan`")
-    if (args.dry_run or args.chunk is not None) and args.preset != "gpu":
+    if args.dry_run and args.name not in ("all", "plan", *WINDOW_COMMANDS):
+        ap.error("--dry-run goes with `all`, `plan`, `gpu-check` or `gpu-table4`")
+    if (args.dry_run or args.chunk is not None) and args.preset != "gpu" and args.name not in WINDOW_COMMANDS:
         ap.error("the chunked plan (--chunk, --dry-run, plan) exists for --preset gpu only")
     if args.chunk is not None:
         from .plan import gpu_plan
@@ -107,6 +118,8 @@ def parse_args(argv=None):
             ap.error("--chunk goes with `all`")
         if not 1 <= args.chunk <= n:
             ap.error(f"--chunk must be between 1 and {n}, got {args.chunk}")
+    if args.name in WINDOW_COMMANDS and args.preset == "tiny" and args.dry_run:
+        args.preset = "gpu"
     if args.preset == "gpu" and not args.dry_run and not torch.cuda.is_available():
         ap.error("--preset gpu needs a CUDA device (none is available); use --preset cpu, or `plan` / --dry-run "
                  "to see the GPU plan")
@@ -174,13 +187,19 @@ def main(argv=None):
     if threads:
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)
+    if args.name in WINDOW_COMMANDS:
+        from .gpu_check import main as window_main
+        return window_main(args)
     if args.dry_run:
+        from .gpu_check import budget_table
         from .plan import done_chunks, gpu_plan, plan_table
         done = None
         if args.name == "plan" and torch.cuda.is_available():
             ctx = Context("plan", "gpu", args.out, True)
             done = done_chunks(ctx.path("csv"), ctx.device_name)
         print(plan_table(gpu_plan(), done))
+        for command in WINDOW_COMMANDS:
+            print(f"\n`{command}`, one GPU command:\n\n{budget_table(command)}")
         return 0
     if args.name == "all" and args.preset == "gpu":
         return _run_plan(args)

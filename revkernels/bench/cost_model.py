@@ -9,14 +9,16 @@ Memory of one AdamW step under bf16 autocast (fp32 parameters), per token of the
   GELU input and output; SDPA keeps no T x T matrix) + HEAD_BYTES * d (embedding, final norm, loss chunk);
 - checkpoint: the fp32 block input per layer (4 d) + one layer's activations during its recompute;
 - reversible (midpoint, leapfrog, midpoint_a, hamiltonian): REV_STATE_BYTES * d (fp32 states, gradient
-  buffers and the bf16 f of the fused backward) + one layer's activations during its recompute.
+  buffers and the bf16 f of the fused backward) + one layer's activations during its recompute; each of
+  `stored_layers` k layers keeps a baseline layer's activations instead (and is not recomputed).
 Fixed: STATE_BYTES_PER_PARAM per parameter (fp32 weight, gradient, two AdamW moments, bf16 weight
 cache) + WORKSPACE_BYTES (cuBLAS / allocator slack) + the chunked loss's logits
 (loss_chunk_tokens * vocab * 6 bytes: bf16 logits and their fp32 softmax).
 
 Time of one step: FLOPs / (H100_BF16_FLOPS * MFU). FLOPs per token: 6 * matmul parameters (lm head
 included) + 8 * L * T * d for causal attention (forward, and a backward that recomputes it), plus
-the recompute of the body's forward (2 * body parameters + 2 * L * T * d) for the archs that recompute.
+the recompute of the body's forward (2 * body parameters + 2 * L * T * d) for the archs that recompute
+(for a reversible arch, only of its L - k recomputed layers).
 """
 import math
 
@@ -35,6 +37,7 @@ COMPILE_S = 8.0                 # torch.compile of one small elementwise graph (
 TRITON_JIT_S = 3.0              # Triton JIT of one specialisation of an elementwise kernel (incl. ptxas)
 EXACT_STEP_FACTOR = 1.1         # exact-mode step vs float step: int64 states (8 B per element), extra passes
 REVERSIBLE = ("midpoint", "leapfrog", "midpoint_a", "hamiltonian")
+GPT2_SMALL = dict(vocab_size=50304, seq_len=1024, d_model=768, n_heads=12, n_layers=12)
 
 
 def n_params(cfg: dict) -> dict:
@@ -53,8 +56,14 @@ def bytes_per_sample(cfg: dict) -> float:
     elif cfg["arch"] == "checkpoint":
         per_token = L * 4 * d + layer
     else:
-        per_token = REV_STATE_BYTES * d + layer
+        per_token = REV_STATE_BYTES * d + layer + _stored(cfg) * layer
     return T * (per_token + HEAD_BYTES * d)
+
+
+def _stored(cfg: dict) -> int:
+    """How many layers a reversible cfg stores (`stored_layers`: a count, or explicit indices)."""
+    k = cfg.get("stored_layers") or 0
+    return k if isinstance(k, int) else len(k)
 
 
 def fixed_bytes(cfg: dict) -> float:
@@ -72,8 +81,10 @@ def step_flops(cfg: dict, batch: int) -> float:
     d, L, T, V = cfg["d_model"], cfg["n_layers"], cfg["seq_len"], cfg["vocab_size"]
     body = n_params(cfg)["body"]
     per_token = 6 * (body + V * d) + 8 * L * T * d
-    if cfg["arch"] == "checkpoint" or cfg["arch"] in REVERSIBLE:
+    if cfg["arch"] == "checkpoint":
         per_token += 2 * body + 2 * L * T * d
+    elif cfg["arch"] in REVERSIBLE:
+        per_token += (2 * body + 2 * L * T * d) * (L - _stored(cfg)) / L
     return per_token * batch * T
 
 

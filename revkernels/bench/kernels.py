@@ -182,8 +182,9 @@ def _tiles_markdown(ctx) -> str:
             + markdown_table(list(TILE_COLUMNS[:-1]), [[r[c] for c in TILE_COLUMNS[:-1]] for r in rows]))
 
 
-def run(ctx) -> str:
-    p = PRESETS[ctx.preset]
+def run(ctx, p=None) -> str:
+    """`p`: the preset's settings (default PRESETS[ctx.preset]; gpu-check passes its own)."""
+    p = p or PRESETS[ctx.preset]
     compiled = {op.name: torch.compile(op.math, dynamic=False) for op in OPS} if p["compile"] else None
     skipped = []
     with torch._dynamo.config.patch(recompile_limit=64):

@@ -18,31 +18,42 @@ of the batch it predicts, the cap is 8x that batch (a capped answer is reported 
 with a single measured probe the next guess uses the model's bytes per sample. Memory measured at a
 batch that fitted under a smaller budget feeds the linear fit under the larger ones. Each answer is
 recorded in NAME-results.csv, so a plan chunk that runs some budgets leaves the others to the next.
+
+Speed at the max batch: every probe that fits also times `time_steps` more steps, so each configuration's
+tokens/s at its own max batch comes from the probe of that batch (a log row without a time, from an
+older log, gets a timing probe). The hybrid row: the preset's reversible arch with each `stored_layers` k of
+`hybrid` (and k = 0, the plain reversible arch) searched like the others; per budget it reports the
+(batch, k) pair with the most tokens/s -- at equal memory, which configuration trains fastest.
 """
 from matplotlib.ticker import ScalarFormatter
 
 from . import cost_model
 from ._probe import run_probe
-from .common import GIB, MIB, append_csv, figure, markdown_table, progress, read_csv, write_report
+from .common import GIB, MIB, append_csv, figure, markdown_table, progress, read_csv, write_csv, write_report
+from .frontier import hybrid_supported
 
-GPT2_SMALL = dict(vocab_size=50304, seq_len=1024, d_model=768, n_heads=12, n_layers=12)
+GPT2_SMALL = cost_model.GPT2_SMALL
 PRESETS = {
     "gpu": dict(shape=GPT2_SMALL, archs=("baseline", "checkpoint", "midpoint"),
                 budgets=tuple((f"{g} GB", g * GIB) for g in (24, 40, 48, 80)),
-                loss_chunk_tokens=4096, start=4, cap=8192, isolate=True),
+                loss_chunk_tokens=4096, start=4, cap=8192, isolate=True, time_steps=1,
+                hybrid=dict(arch="midpoint", stored=(6,))),
     "cpu": dict(shape=dict(vocab_size=128, seq_len=32, d_model=32, n_heads=2, n_layers=4),
                 archs=("baseline", "checkpoint", "midpoint"),
                 budgets=tuple((f"{m} MiB", m * MIB) for m in (2, 4)),
-                loss_chunk_tokens=128, start=4, cap=4096, isolate=True),
+                loss_chunk_tokens=128, start=4, cap=4096, isolate=True, time_steps=3,
+                hybrid=dict(arch="midpoint", stored=(2,))),
     "tiny": dict(shape=dict(vocab_size=64, seq_len=16, d_model=32, n_heads=2, n_layers=2),
                  archs=("baseline", "midpoint"), budgets=(("0.7 MiB", int(0.7 * MIB)),),
-                 loss_chunk_tokens=16, start=2, cap=4, isolate=False),   # in-process: test speed
+                 loss_chunk_tokens=16, start=2, cap=4, isolate=False, time_steps=1,   # in-process: test speed
+                 hybrid=dict(arch="midpoint", stored=(1, 2))),
 }
 # Gal et al., Table 3: max batch of GPT-2 small (T=1024), baseline vs midpoint, by GPU memory (GB).
 PAPER_TABLE3 = {"24 GB": (6, 58), "40 GB": (12, 119), "48 GB": (15, 140), "80 GB": (26, 257)}
 LOG_COLUMNS = ("arch", "budget", "budget_bytes", "shape", "batch", "ok", "memory_bytes", "memory_kind",
-               "state_bytes", "error", "device", "preset")
-RESULT_COLUMNS = ("arch", "budget", "shape", "batch", "capped", "model_batch", "device", "preset")
+               "state_bytes", "step_ms", "error", "device", "preset")
+RESULT_COLUMNS = ("arch", "budget", "shape", "batch", "capped", "model_batch", "step_ms", "tokens_per_s", "device",
+                  "preset")
 
 
 def search_max_batch(fits, start=1, cap=None, tol=0.0, predict=None):
@@ -74,7 +85,28 @@ def search_max_batch(fits, start=1, cap=None, tol=0.0, predict=None):
 
 
 def shape_key(cfg: dict) -> str:
-    return "L{n_layers}-d{d_model}-h{n_heads}-T{seq_len}-V{vocab_size}-chunk{loss_chunk_tokens}".format(**cfg)
+    key = "L{n_layers}-d{d_model}-h{n_heads}-T{seq_len}-V{vocab_size}-chunk{loss_chunk_tokens}".format(**cfg)
+    return key + (f"-stored{cfg['stored_layers']}" if cfg.get("stored_layers") else "")
+
+
+def configs(p) -> list:
+    """(label, GPTConfig kwargs) of every configuration the preset searches: its archs, then the hybrid's
+    reversible arch with each stored_layers k (when this GPTConfig has stored_layers)."""
+    def cfg(arch, **extra):
+        return dict(p["shape"], arch=arch, loss_chunk_tokens=p["loss_chunk_tokens"], **extra)
+    out = [(arch, cfg(arch)) for arch in p["archs"]]
+    hybrid = p.get("hybrid")
+    if hybrid and hybrid_supported():
+        out += [(f"{hybrid['arch']} k={k}", cfg(hybrid["arch"], stored_layers=k)) for k in hybrid["stored"]]
+    return out
+
+
+def upgrade_csv(path, columns):
+    """Rewrite `path` with `columns` (new ones empty) when an older version of this module wrote it with
+    others, so rows appended from now on line up with the header."""
+    rows = read_csv(path)
+    if rows and tuple(rows[0]) != tuple(columns):
+        write_csv(path, rows, columns)
 
 
 def _int_or_none(x):
@@ -91,20 +123,24 @@ class Prober:
     budget; with one measured probe, through it with slope `bytes_per_sample` (None: no guess)."""
 
     def __init__(self, ctx, log_path, cfg: dict, budget, fits_upto: int = 0, isolate: bool = True,
-                 bytes_per_sample=None):
+                 bytes_per_sample=None, time_steps: int = 0):
         self.ctx, self.log_path, self.cfg, self.fits_upto, self.isolate = ctx, log_path, cfg, fits_upto, isolate
+        self.time_steps = time_steps
         self.budget_label, self.budget_bytes = budget
         self.bytes_per_sample = bytes_per_sample
         self.key = dict(arch=cfg["arch"], budget=self.budget_label, shape=shape_key(cfg),
                         device=ctx.device_name, preset=ctx.preset)
         self.known = {}                                     # batch -> (ok, memory_bytes, state_bytes)
         self.measured = {}                                  # batch -> (memory_bytes, state_bytes), any budget
+        self.timed = {}                                     # batch -> step ms of a fitting probe, any budget
         for r in read_csv(log_path):
             if not all(r[k] == str(v) for k, v in self.key.items() if k != "budget"):
                 continue
             ok, mem, st = r["ok"] == "True", _int_or_none(r["memory_bytes"]), _int_or_none(r["state_bytes"])
             if ok and mem is not None:
                 self.measured[int(r["batch"])] = (mem, st)
+            if ok and r.get("step_ms"):
+                self.timed[int(r["batch"])] = float(r["step_ms"])
             if r["budget"] == self.budget_label:
                 self.known[int(r["batch"])] = (ok, mem, st)
 
@@ -119,16 +155,30 @@ class Prober:
         implied = self._implied(batch)
         if implied is not None:
             return implied
+        return self._probe(batch)["ok"]
+
+    def _probe(self, batch: int) -> dict:
         gpu = self.ctx.device.type == "cuda"
         res = run_probe(dict(cfg=self.cfg, batch=batch, device=str(self.ctx.device), bf16=gpu,
-                             budget_bytes=self.budget_bytes, warmup=int(gpu), steps=0), self.isolate, self.ctx)
+                             budget_bytes=self.budget_bytes, warmup=int(gpu), steps=self.time_steps),
+                        self.isolate, self.ctx)
         append_csv(self.log_path, dict(self.key, budget_bytes=self.budget_bytes, batch=batch, ok=res["ok"],
                                        memory_bytes=res["memory_bytes"], memory_kind=res["memory_kind"],
-                                       state_bytes=res["state_bytes"], error=res["error"]), LOG_COLUMNS)
+                                       state_bytes=res["state_bytes"], step_ms=res.get("step_ms"), error=res["error"]),
+                   LOG_COLUMNS)
         self.known[batch] = (res["ok"], res["memory_bytes"], res["state_bytes"])
         if res["ok"] and res["memory_bytes"] is not None:
             self.measured[batch] = (res["memory_bytes"], res["state_bytes"])
-        return res["ok"]
+        if res["ok"] and res.get("step_ms") is not None:
+            self.timed[batch] = res["step_ms"]
+        return res
+
+    def step_ms(self, batch: int):
+        """Median step time at `batch` (a fitting batch): from a logged probe, else a timing probe now
+        (None if it does not fit after all)."""
+        if batch not in self.timed and self.time_steps:
+            self._probe(batch)
+        return self.timed.get(batch)
 
     def _limit(self, state):
         """The bytes `memory_bytes` may reach: CUDA peak up to the cap (or the device), CPU saved
@@ -180,67 +230,136 @@ def search_bounds(ctx, cfg: dict, budget_bytes, start: int, cap: int):
     return max(1, int(0.9 * model)), min(cap, max(64, 8 * model)), cost_model.bytes_per_sample(cfg), model
 
 
-def find_max_batches(ctx, archs, cfg_of, budgets, start, cap, isolate):
-    """{(arch, budget label): (max batch, capped)} for every pair with an answer in NAME-results.csv
-    after searching the pairs `ctx` selects that have none. Budgets are taken in increasing order so
-    each answer is a known-fitting lower bound for the next."""
+def find_max_batches(ctx, configs, budgets, start, cap, isolate, time_steps=0):
+    """{(label, budget label): result row} for every pair with an answer in NAME-results.csv after searching
+    the pairs `ctx` selects that have none; `configs`: (label, GPTConfig kwargs) pairs. Budgets are taken in
+    increasing order so each answer is a known-fitting lower bound for the next. With `time_steps`, each
+    row has the step time and tokens/s at its max batch."""
     log_path, results_path = ctx.path("csv"), ctx.path("csv", part="results")
-    results = {}
+    upgrade_csv(log_path, LOG_COLUMNS)
+    upgrade_csv(results_path, RESULT_COLUMNS)
+    rows = {}
     for r in read_csv(results_path):
         if (r["device"], r["preset"]) == (ctx.device_name, ctx.preset):
-            results[(r["arch"], r["budget"], r["shape"])] = (int(r["batch"]), r["capped"] == "True")
-    pairs = [(a, b) for a in archs for b in sorted(budgets, key=lambda b: b[1] or float("inf"))]
+            rows[(r["arch"], r["budget"], r["shape"])] = r
+    pairs = [(c, b) for c in configs for b in sorted(budgets, key=lambda b: b[1] or float("inf"))]
     fits_upto = {}
-    for arch, budget in progress(pairs, "max-batch"):
-        cfg = cfg_of(arch)
-        key = (arch, budget[0], shape_key(cfg))
-        if key not in results and ctx.selected(arch=arch, budget=budget[0]):
+    changed = False
+    for (label, cfg), budget in progress(pairs, "max-batch"):
+        key = (label, budget[0], shape_key(cfg))
+        selected = ctx.selected(arch=label, budget=budget[0])
+        if selected and (key not in rows or (time_steps and not rows[key].get("step_ms") and
+                                             int(rows[key]["batch"]) > 0)):
             lo, hi, slope, model = search_bounds(ctx, cfg, budget[1], start, cap)
-            prober = Prober(ctx, log_path, cfg, budget, fits_upto.get(arch, 0), isolate, slope)
-            results[key] = search_max_batch(prober, start=max(lo, fits_upto.get(arch, 0)), cap=hi,
-                                            predict=prober.predict)
-            append_csv(results_path, dict(arch=arch, budget=budget[0], shape=key[2], batch=results[key][0],
-                                          capped=results[key][1], model_batch=model, device=ctx.device_name,
-                                          preset=ctx.preset), RESULT_COLUMNS)
-        if key in results:
-            fits_upto[arch] = results[key][0]
-    return {(a, b): v for (a, b, _), v in results.items()
-            if a in archs and b in {label for label, _ in budgets}}
+            prober = Prober(ctx, log_path, cfg, budget, fits_upto.get(label, 0), isolate, slope, time_steps)
+            if key in rows:                        # an answer from an older log without a time: time it
+                mb, capped, model = int(rows[key]["batch"]), rows[key]["capped"] == "True", rows[key]["model_batch"]
+            else:
+                mb, capped = search_max_batch(prober, start=max(lo, fits_upto.get(label, 0)), cap=hi,
+                                              predict=prober.predict)
+            ms = prober.step_ms(mb) if mb and time_steps else None
+            rows[key] = dict(arch=label, budget=budget[0], shape=key[2], batch=mb, capped=capped, model_batch=model,
+                             step_ms=ms, tokens_per_s=mb * cfg["seq_len"] / (ms / 1e3) if ms else None,
+                             device=ctx.device_name, preset=ctx.preset)
+            append_csv(results_path, rows[key], RESULT_COLUMNS)
+            changed = True
+        if key in rows:
+            fits_upto[label] = int(rows[key]["batch"])
+    if changed:                                    # one row per pair: the latest
+        write_csv(results_path, list(rows.values()), RESULT_COLUMNS)
+    labels, budget_labels = {label for label, _ in configs}, {label for label, _ in budgets}
+    return {(a, b): _typed_result(r) for (a, b, s), r in rows.items()
+            if a in labels and b in budget_labels and s == shape_key(dict(configs)[a])}
 
 
-def run(ctx) -> str:
-    p = PRESETS[ctx.preset]
+def _typed_result(r: dict) -> dict:
+    def num(x):
+        return None if x in (None, "", "None") else float(x)
+    return dict(batch=int(r["batch"]), capped=str(r["capped"]) == "True", step_ms=num(r.get("step_ms")),
+                tokens_per_s=num(r.get("tokens_per_s")))
+
+
+def run(ctx, p=None) -> str:
+    p = p or PRESETS[ctx.preset]
     budgets, notes = usable_budgets(ctx, p["budgets"])
-
-    def cfg_of(arch):
-        return dict(p["shape"], arch=arch, loss_chunk_tokens=p["loss_chunk_tokens"])
-
-    results = find_max_batches(ctx, p["archs"], cfg_of, budgets, p["start"], p["cap"], p["isolate"])
-    return write_report(ctx, "Max batch by memory budget", _markdown(ctx, p, budgets, notes, results),
-                        _plot(ctx, p, budgets, results))
+    cfgs = configs(p)
+    results = find_max_batches(ctx, cfgs, budgets, p["start"], p["cap"], p["isolate"], p.get("time_steps", 0))
+    return write_report(ctx, "Max batch by memory budget", _markdown(ctx, p, cfgs, budgets, notes, results),
+                        _plot(ctx, p, cfgs, budgets, results))
 
 
-def _cell(results, arch, label):
-    if (arch, label) not in results:
+HYBRID = "hybrid (best k)"
+
+
+def best_hybrid(p, cfgs, results, budget):
+    """(label, result) of the reversible configuration (the hybrid's arch at k = 0 or a stored_layers k of
+    the preset) with the most tokens/s at its own max batch under `budget`; None when none was timed."""
+    hybrid = p.get("hybrid")
+    if not hybrid:
+        return None
+    labels = [label for label, cfg in cfgs if cfg["arch"] == hybrid["arch"]]
+    timed = [(label, results[(label, budget)]) for label in labels
+             if (label, budget) in results and results[(label, budget)]["tokens_per_s"]]
+    return max(timed, key=lambda lr: lr[1]["tokens_per_s"], default=None)
+
+
+def _batch_cell(res):
+    if res is None:
         return "—"
-    mb, capped = results[(arch, label)]
-    return f">= {mb}" if capped else str(mb)
+    return (">= " if res["capped"] else "") + str(res["batch"])
+
+
+def _speed_cell(res):
+    if res is None or not res["tokens_per_s"]:
+        return "—"
+    return f"{_batch_cell(res)}, {res['tokens_per_s']:.0f}"
 
 
 def _batch(results, arch, label):
-    return results.get((arch, label), (0, False))[0]
+    return results.get((arch, label), {"batch": 0})["batch"]
 
 
-def _markdown(ctx, p, budgets, notes, results) -> str:
+def _hybrid_k(label):
+    return label.split("k=")[1] if "k=" in label else "0"
+
+
+def _markdown(ctx, p, cfgs, budgets, notes, results) -> str:
     archs = p["archs"]
     rows = []
     for label, _ in budgets:
         base, mid = _batch(results, "baseline", label), _batch(results, "midpoint", label)
         ratio = f"{mid / base:.2f}x" if base and mid else "—"
         paper = PAPER_TABLE3.get(label) if ctx.device.type == "cuda" else None
-        rows.append([label] + [_cell(results, a, label) for a in archs] + [ratio] +
+        rows.append([label] + [_batch_cell(results.get((a, label))) for a in archs] + [ratio] +
                     ([str(paper[0]), str(paper[1]), f"{paper[1] / paper[0]:.2f}x"] if paper else ["—"] * 3))
     header = ["budget"] + list(archs) + ["midpoint / baseline", "paper baseline", "paper midpoint", "paper ratio"]
+    speed_rows = []
+    for label, _ in budgets:
+        cells = [label] + [_speed_cell(results.get((a, label))) for a in archs]
+        best = best_hybrid(p, cfgs, results, label)
+        base = results.get(("baseline", label))
+        if best:
+            gain = (f"{best[1]['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base and base["tokens_per_s"]
+                    else "—")
+            cells += [f"k={_hybrid_k(best[0])}: {_speed_cell(best[1])}", gain]
+        else:
+            cells += ["—", "—"]
+        speed_rows.append(cells)
+    hybrid = p.get("hybrid")
+    hybrid_text = ""
+    if hybrid:
+        ks = ", ".join(["0"] + [str(k) for k in hybrid["stored"]])
+        hybrid_text = (f"\n\nTraining speed at each configuration's own max batch (cell: max batch, tokens/s; "
+                       f"median of {p.get('time_steps', 0)} timed steps in the probe of that batch). The hybrid is "
+                       f"`{hybrid['arch']}` with stored_layers k in {{{ks}}}: the (batch, k) pair with the most "
+                       f"tokens/s under each budget"
+                       + ("" if hybrid_supported() else " (this GPTConfig has no stored_layers: k = 0 only)")
+                       + ".\n\n" + markdown_table(["budget"] + list(archs) + [HYBRID, "hybrid / baseline tokens/s"],
+                                                   speed_rows))
+        every = [[label, _hybrid_k(c)] + [_speed_cell(results.get((c, label)))]
+                 for label, _ in budgets for c, cfg in cfgs if cfg["arch"] == hybrid["arch"]]
+        hybrid_text += "\n\nEvery hybrid configuration searched:\n\n" + markdown_table(
+            ["budget", "stored_layers", "max batch, tokens/s"], every)
     shape = ", ".join(f"{k}={v}" for k, v in p["shape"].items())
     budget_text = ("N GB = N GiB cap of the caching allocator via torch.cuda.set_per_process_memory_fraction"
                    if ctx.device.type == "cuda" else
@@ -253,11 +372,12 @@ def _markdown(ctx, p, budgets, notes, results) -> str:
     precision, steps = ("bf16 autocast", "two full training steps") if gpu else ("fp32", "one full training step")
     return f"""
 Shape: {shape}, loss_chunk_tokens={p['loss_chunk_tokens']} for every arch; AdamW;
-{precision}. Each probe runs {steps} {'in a fresh process' if p['isolate'] else 'in-process'}. The chunked
-loss never holds the whole batch's logits, for every arch; a baseline that does (as nanoGPT's) fits fewer samples.
+{precision}. Each probe runs {steps} {'in a fresh process' if p['isolate'] else 'in-process'}, then the timed
+steps. The chunked loss never holds the whole batch's logits, for every arch; a baseline that does (as
+nanoGPT's) fits fewer samples.
 Budget: {budget_text}.{note_text}
 
-{markdown_table(header, rows)}
+{markdown_table(header, rows)}{hybrid_text}
 
 Paper (Gal et al., Table 3, GPT-2 small, T=1024, one GPU of each size):
 
@@ -268,14 +388,24 @@ Target: midpoint's max batch >= 10x baseline's on one 80 GB GPU (GPT-2 small, T=
 """
 
 
-def _plot(ctx, p, budgets, results):
-    fig, (ax,) = figure(1, ctx, "Max batch by memory budget", width=7.5)
+def _plot(ctx, p, cfgs, budgets, results):
+    fig, (ax, ax_speed) = figure(2, ctx, "Max batch by memory budget", width=6.5)
     labels = [label for label, _ in budgets]
-    width = 0.8 / len(p["archs"])
-    for i, arch in enumerate(p["archs"]):
-        xs = [j + (i - (len(p["archs"]) - 1) / 2) * width for j in range(len(labels))]
-        bars = ax.bar(xs, [_batch(results, arch, lb) for lb in labels], width, label=arch)
-        ax.bar_label(bars, fontsize=8)
+    series = list(p["archs"]) + ([HYBRID] if p.get("hybrid") else [])
+
+    def result(name, budget):
+        if name == HYBRID:
+            best = best_hybrid(p, cfgs, results, budget)
+            return best[1] if best else None
+        return results.get((name, budget))
+
+    width = 0.8 / len(series)
+    for i, name in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
+        res = [result(name, lb) for lb in labels]
+        bars = ax.bar(xs, [r["batch"] if r else 0 for r in res], width, label=name)
+        ax.bar_label(bars, fontsize=7)
+        ax_speed.bar(xs, [(r or {}).get("tokens_per_s") or 0 for r in res], width, label=name)
     if ctx.device.type == "cuda":
         known = [(j, PAPER_TABLE3[lb]) for j, lb in enumerate(labels) if lb in PAPER_TABLE3]
         if known:
@@ -283,11 +413,13 @@ def _plot(ctx, p, budgets, results):
                        zorder=3, label="paper baseline")
             ax.scatter([j for j, _ in known], [v[1] for _, v in known], marker="*", s=80, color="black",
                        zorder=3, label="paper midpoint")
-    ax.set_xticks(range(len(labels)), labels)
-    ax.set_xlabel("memory budget")
     ax.set_ylabel("max batch (log scale)")
     ax.set_yscale("log", base=2)
     ax.yaxis.set_major_formatter(ScalarFormatter())
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
+    ax_speed.set_ylabel("tokens/s at the max batch")
+    for a in (ax, ax_speed):
+        a.set_xticks(range(len(labels)), labels)
+        a.set_xlabel("memory budget")
+        a.grid(alpha=0.3, axis="y")
+        a.legend(fontsize=7)
     return fig

@@ -56,8 +56,9 @@ def _typed(r: dict) -> dict:
     return out
 
 
-def run(ctx) -> str:
-    p = PRESETS[ctx.preset]
+def run(ctx, p=None) -> str:
+    """`p`: the preset's settings (default PRESETS[ctx.preset]; gpu-check passes its own)."""
+    p = p or PRESETS[ctx.preset]
     path = ctx.path("csv")
     done = {(r["arch"], int(r["n_layers"])): _typed(r) for r in read_csv(path)
             if (r["device"], r["preset"], r["batch"]) == (ctx.device_name, ctx.preset, str(p["batch"]))}

@@ -11,6 +11,7 @@ turn with no deadline. Finished chunks are recorded in plots/plan-<device>.csv.
 Estimates come from revkernels.bench.cost_model (H100 SXM: 989 TFLOP/s bf16 dense at an assumed 35%
 MFU, 3.35 TB/s; process start, CPU-side model build and torch.compile times as stated there).
 """
+import traceback
 from dataclasses import dataclass, field
 from time import monotonic, perf_counter, strftime
 
@@ -18,7 +19,7 @@ from . import cost_model as cm
 from .common import append_csv, markdown_table, read_csv
 
 CHUNK_LIMIT_S = 510                  # 8.5 minutes: a chunk's deadline (a GPU command may run 10)
-TOTAL_LIMIT_S = 25 * 60
+TOTAL_LIMIT_S = 30 * 60
 LOG_COLUMNS = ("chunk", "title", "status", "seconds", "estimate_s", "device", "finished")
 
 
@@ -83,14 +84,14 @@ def _memory_depth_s(archs, depths):
                           p["batch"], steps=2) for a in archs for L in depths)
 
 
-def _max_batch_s(archs, budgets):
-    from .max_batch import PRESETS
-    p = PRESETS["gpu"]
+def _max_batch_s(budgets, p=None):
+    """Every configuration's search (max_batch.configs) under `budgets`, each probe also timing `time_steps`."""
+    from .max_batch import PRESETS, configs
+    p = p or PRESETS["gpu"]
     total = 0.0
-    for a in archs:
-        cfg = dict(p["shape"], arch=a, loss_chunk_tokens=p["loss_chunk_tokens"])
+    for _, cfg in configs(p):
         for i, (_, b) in enumerate(sorted(budgets, key=lambda b: b[1])):
-            total += cm.search_probes(i == 0) * cm.probe_s(cfg, cm.max_batch(cfg, b), steps=2)
+            total += cm.search_probes(i == 0) * cm.probe_s(cfg, cm.max_batch(cfg, b), steps=2 + p["time_steps"])
     return total
 
 
@@ -109,6 +110,23 @@ def _throughput_s(depths):
             total += n / cm.CPU_INIT_PARAMS_PER_S + (p["common_warmup"] + p["rounds"] * p["per_round"]) * \
                 cm.step_s(cfg, p["common_batch"])
     return total
+
+
+def _frontier_s(p=None, configs=None):
+    """frontier: each configuration built on the CPU, one memory step, warm-up and interleaved timed steps (and
+    the baseline's again in every group after the first); plus the Triton JIT of the bf16 reversible kernels
+    (step, inverse, backward step)."""
+    from .frontier import GROUP, PRESETS, build_config, configurations, groups
+    p = p or PRESETS["gpu"]
+    configs = configs or configurations(p)
+    timed = p["warmup"] + p["rounds"] * p["per_round"]
+    total = 3 * cm.TRITON_JIT_S
+    for label, method, k, policy in configs:
+        cfg = build_config(p, method, k, policy)
+        n = sum(cm.n_params(cfg).values())
+        total += n / cm.CPU_INIT_PARAMS_PER_S + (1 + timed) * cm.step_s(cfg, p["batch"])
+    extra_baselines = len(groups([c[0] for c in configs], p.get("group", GROUP))) - 1   # one baseline per group
+    return total + extra_baselines * timed * cm.step_s(build_config(p, "baseline"), p["batch"])
 
 
 SAMPLE_TOKEN_S = 0.01       # one batch-1 forward of a 12-layer GPT in eager mode: launch bound, ~10 ms
@@ -155,12 +173,15 @@ def gpu_plan() -> list:
                f"{EX['gpu']['step']['batch']}; midpoint_a side bits", _exact_s(), {}),
               ("memory-depth", f"memory-depth: {len(md['archs'])} archs, GPT-2 small width, batch {md['batch']}, "
                f"{depths(md['depths'])}", _memory_depth_s(md["archs"], md["depths"]), {}),
-              ("max-batch", f"max-batch: {', '.join(mb['archs'])}; GPT-2 small, T=1024; 24/40/48/80 GB",
-               _max_batch_s(mb["archs"], mb["budgets"]), {})]
+              ("max-batch", f"max-batch: {', '.join(mb['archs'])}, hybrid k="
+               f"{'/'.join(map(str, mb['hybrid']['stored']))}; GPT-2 small, T=1024; 24/40/48/80 GB",
+               _max_batch_s(mb["budgets"]), {})]
     for ds in (td["depths"][:2], td["depths"][2:]):
         chunks.append(("throughput-depth", f"throughput-depth: d=512, {depths(ds)}; {' and '.join(td['max_archs'])} "
                        f"at max batch, +checkpoint at batch {td['common_batch']}", _throughput_s(ds),
                        {"n_layers": ds}))
+    chunks.append(("frontier", "frontier: baseline, checkpoint, selective AC, midpoint stored_layers 0/3/6/9/12 "
+                   "with / without store_policy; GPT-2 small, batch 8", _frontier_s(), {}))
     chunks.append(("quality", "quality: 5 archs, d=768 L=12 on bytes; retrofit of the trained baseline",
                    _quality_s(), {}))
     return [Chunk(i, name, title, est, only) for i, (name, title, est, only) in enumerate(chunks, 1)]
@@ -172,7 +193,7 @@ def plan_table(chunks, done=()) -> str:
     total = sum(c.estimate_s for c in chunks)
     header = ["chunk", "benchmark", "what", "estimated GPU min"] + (["status"] if done is not None else [])
     return (markdown_table(header, rows) + f"\n\nTotal: {cm.minutes(total):.1f} estimated GPU minutes in "
-            f"{len(chunks)} chunks (limits: each chunk < 9 min, the plan < 25 min). Estimates: H100 SXM, "
+            f"{len(chunks)} chunks (limits: each chunk < 9 min, the plan < 30 min). Estimates: H100 SXM, "
             f"{cm.H100_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16 at {cm.MFU:.0%} MFU, {cm.H100_HBM_BYTES_PER_S / 1e12:.2f} "
             f"TB/s; probe start-up {cm.PROCESS_START_S:.0f} s; torch.compile {cm.COMPILE_S:.0f} s per graph "
             f"(revkernels/bench/cost_model.py).")
@@ -182,12 +203,14 @@ def done_chunks(log_path, device_name) -> set:
     return {int(r["chunk"]) for r in read_csv(log_path) if r["status"] == "done" and r["device"] == device_name}
 
 
-def run_chunk(chunk: Chunk, make_context, run_benchmark, log_path, deadline: bool) -> bool:
-    """Run one chunk; True when it finished, False when it stopped at its deadline (rerun to resume)."""
+def run_chunk(chunk: Chunk, make_context, run_benchmark, log_path, deadline: bool, limit_s: float = CHUNK_LIMIT_S,
+              keep_going: bool = False) -> bool:
+    """Run one chunk; True when it finished, False when it stopped at its deadline (`limit_s` from now when
+    `deadline`; rerun to resume) or, with `keep_going`, failed (the traceback is printed, status 'failed')."""
     from .common import ChunkTimeUp
     t0 = perf_counter()
     ctx = make_context(chunk.benchmark, only=chunk.only or None,
-                       deadline=monotonic() + CHUNK_LIMIT_S if deadline else None)
+                       deadline=monotonic() + limit_s if deadline else None)
     try:
         print(run_benchmark(ctx), flush=True)
         status = "done"
@@ -195,6 +218,11 @@ def run_chunk(chunk: Chunk, make_context, run_benchmark, log_path, deadline: boo
         print(f"chunk {chunk.number} ({chunk.title}) stopped: {stop}. Every finished point is saved; "
               f"run `--chunk {chunk.number}` again to resume.", flush=True)
         status = "stopped"
+    except Exception:  # noqa: BLE001 - gpu-check: one failing step must not cost the others their time
+        if not keep_going:
+            raise
+        traceback.print_exc()
+        status = "failed"
     append_csv(log_path, dict(chunk=chunk.number, title=chunk.title, status=status, seconds=perf_counter() - t0,
                               estimate_s=chunk.estimate_s, device=ctx.device_name, finished=strftime("%F %T")),
                LOG_COLUMNS)

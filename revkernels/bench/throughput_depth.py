@@ -102,8 +102,9 @@ def time_common_batch(ctx, p, n_layers) -> list:
     return rows
 
 
-def run(ctx) -> str:
-    p = PRESETS[ctx.preset]
+def run(ctx, p=None) -> str:
+    """`p`: the preset's settings (default PRESETS[ctx.preset]; gpu-check passes its own)."""
+    p = p or PRESETS[ctx.preset]
     budgets, notes = usable_budgets(ctx, p["budgets"])
     path, probes = ctx.path("csv"), ctx.path("csv", part="probes")
     done = {tuple(r[k] for k in KEY): _typed(r) for r in read_csv(path)
@@ -246,10 +247,11 @@ Shape: {shape}, loss_chunk_tokens={p['loss_chunk_tokens']} for every arch; AdamW
         parts.append(f"At each arch's max batch, budget {label} (max batch within {100 * p['tol']:g}%; step time: "
                      f"median of {p['steps']} steps after {p['warmup']} warm-up steps; gain = samples/s over "
                      f"baseline's at its own max batch):\n\n{_max_table(ctx, p, rows, label)}")
-    parts.append(f"At the common batch {p['common_batch']}: the archs of each depth timed interleaved, {p['rounds']} "
-                 f"rounds of {p['per_round']} step(s) each after {p['common_warmup']} warm-up steps; step = median "
-                 f"over rounds, vs baseline = median (p20-p80) over rounds of the time ratio to baseline's in the "
-                 f"same round, i.e. the recompute overhead:\n\n{_common_table(p, rows)}")
+    if p["archs"]:
+        parts.append(f"At the common batch {p['common_batch']}: the archs of each depth timed interleaved, "
+                     f"{p['rounds']} rounds of {p['per_round']} step(s) each after {p['common_warmup']} warm-up "
+                     f"steps; step = median over rounds, vs baseline = median (p20-p80) over rounds of the time ratio "
+                     f"to baseline's in the same round, i.e. the recompute overhead:\n\n{_common_table(p, rows)}")
     paper = markdown_table(["n_layers", "baseline batch", "baseline samples/s", "midpoint batch",
                             "midpoint samples/s", "gain"],
                            [[L, bb, bs, mb, ms, f"+{g}%"] for L, ((bb, bs), (mb, ms), g) in PAPER_TABLE4.items()])
@@ -300,5 +302,6 @@ def _plot(ctx, p, budgets, rows):
         ax.set_xlabel("n_layers")
         ax.set_xticks(p["depths"])
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:      # gpu-table4 draws no common-batch curves
+            ax.legend(fontsize=7)
     return fig
