@@ -9,6 +9,7 @@ Memory for speed: ``stored_layers`` keeps the autograd graph of some layers (no 
 ``store_policy='matmuls'`` keeps the matmul and attention outputs of the recomputed ones.
 """
 import math
+import numbers
 import warnings
 from typing import Sequence, Union
 
@@ -64,11 +65,13 @@ def _refuse_stateful(blocks):
 
 def stored_indices(stored_layers, n_layers):
     """`stored_layers` as a sorted tuple of layer indices. An int k stores the last k layers: the
-    backward reaches them first, so their graphs are freed before any recompute runs and the peak holds
-    the stored graphs or one recomputed block's, never both. A sequence of ints names the layers."""
+    backward reaches them first, so their graphs are freed before any recompute runs, and its peak holds
+    the stored graphs or one recomputed block's graph, not both (the stored f_j, one state per stored
+    layer, stay until the stack's backward ends). A sequence of ints names the layers."""
     if isinstance(stored_layers, bool):
         raise TypeError("stored_layers must be an int or a sequence of layer indices, got a bool")
-    if isinstance(stored_layers, int):
+    if isinstance(stored_layers, numbers.Integral):
+        stored_layers = int(stored_layers)
         if not 0 <= stored_layers <= n_layers:
             raise ValueError(f"stored_layers={stored_layers} must be between 0 and the number of layers ({n_layers})")
         return tuple(range(n_layers - stored_layers, n_layers))
@@ -76,13 +79,14 @@ def stored_indices(stored_layers, n_layers):
         raise TypeError(f"stored_layers must be an int or a sequence of layer indices, got "
                         f"{type(stored_layers).__name__}")
     for i in stored_layers:
-        if isinstance(i, bool) or not isinstance(i, int):
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
             raise TypeError(f"stored_layers holds {i!r}: layer indices must be ints")
         if not 0 <= i < n_layers:
             raise ValueError(f"stored_layers holds {i}: layer indices must be in [0, {n_layers})")
-    if len(set(stored_layers)) != len(stored_layers):
-        raise ValueError(f"stored_layers {list(stored_layers)} names a layer twice")
-    return tuple(sorted(stored_layers))
+    indices = [int(i) for i in stored_layers]
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"stored_layers {indices} names a layer twice")
+    return tuple(sorted(indices))
 
 
 def _needs_backward(inputs, blocks):

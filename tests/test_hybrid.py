@@ -313,3 +313,9 @@ def test_whole_model_compile(monkeypatch, fullgraph):
             torch.testing.assert_close(p.grad, g, rtol=0, atol=0)   # the same eager kernels: equal
     finally:
         torch._dynamo.reset()
+
+
+def test_numpy_integers_accepted():
+    np = pytest.importorskip("numpy")
+    assert make("midpoint", 3, stored_layers=np.int64(2)).stored_layers == (1, 2)
+    assert make("midpoint", 3, stored_layers=[np.int64(2), np.int64(0)]).stored_layers == (0, 2)
