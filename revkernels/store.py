@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from torch.utils._pytree import tree_leaves
+from torch.utils._python_dispatch import TorchDispatchMode
 
 STORE_POLICIES = ("matmuls",)
 
@@ -63,6 +64,28 @@ def _never_unpacked(_):
                        "drops it (a tensor it saved was read)")
 
 
+class _KeptBytes(TorchDispatchMode):
+    """Adds to `store.bytes` the distinct storages of the outputs the policy keeps (the ops `_storable`
+    selects). Entered above the caching mode, it sees each op's output as that mode stores it. (The
+    policy's own context carries no op output in older torch releases.)"""
+
+    def __init__(self, store):
+        super().__init__()
+        self.store = store
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if _storable(func, args, kwargs):
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    s = t.untyped_storage()
+                    if s.data_ptr() not in self.store._seen:
+                        self.store._seen.add(s.data_ptr())
+                        self.store.bytes += s.nbytes()
+        return out
+
+
 class BlockStore:
     """The outputs the store policy keeps for one block call. `record(block, x)` runs the forward;
     `replay()` is the context for the recompute, which consumes them. `bytes`: their total size
@@ -74,16 +97,9 @@ class BlockStore:
         self._seen = set()
         self._caching, self._cached = create_selective_checkpoint_contexts(self._policy)
 
-    def _policy(self, ctx, func, *args, **kwargs):
-        if not _storable(func, args, kwargs):
-            return CheckpointPolicy.PREFER_RECOMPUTE
-        for t in tree_leaves(ctx.op_output):
-            if isinstance(t, torch.Tensor):
-                s = t.untyped_storage()
-                if s.data_ptr() not in self._seen:
-                    self._seen.add(s.data_ptr())
-                    self.bytes += s.nbytes()
-        return CheckpointPolicy.MUST_SAVE
+    @staticmethod
+    def _policy(ctx, func, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if _storable(func, args, kwargs) else CheckpointPolicy.PREFER_RECOMPUTE
 
     def record(self, block, x):
         """block(x) detached, keeping the policy's op outputs (and nothing autograd would save).
@@ -92,7 +108,7 @@ class BlockStore:
         than the eager recompute (blocks compiled on their own stay compiled in both)."""
         inp = x.detach().requires_grad_(True)
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_discard, _never_unpacked), \
-                self._caching:
+                self._caching, _KeptBytes(self):
             out = torch.compiler.disable(block)(inp)
         return out.detach() if isinstance(out, torch.Tensor) else out
 
