@@ -21,8 +21,8 @@ from torch import nn  # noqa: E402
 
 from revkernels import GPT, GPTConfig  # noqa: E402
 from revkernels.memory import live_tensor_bytes, saved_tensor_bytes  # noqa: E402
-from revkernels.retrofit import (RetrofitStack, align, block_calls, evaluate_kl, model_logits,  # noqa: E402
-                                 retrofit, retrofit_kl, retrofit_stack, unretrofit)
+from revkernels.retrofit import (RetrofitStack, align, block_call_slot, block_calls, evaluate_kl,  # noqa: E402
+                                 model_logits, retrofit, retrofit_kl, retrofit_stack, unretrofit)
 
 V, T = 128, 16
 
@@ -73,6 +73,12 @@ def zero_shot(teacher, student, x, **kw):
         t, s = model_logits(teacher, x, **kw), model_logits(student, x, **kw)
     d = (s - t).abs()
     return d.max().item(), d.mean().item(), retrofit_kl(s, t).item()
+
+
+def eq45(model, a=0.5, iterations=1, **kw):
+    """The paper's eq. 4.5 student in float mode (what these tests were written for; the default is
+    the exact compact form)."""
+    return retrofit(model, a, iterations, form="eq4.5", exact=False, **kw)
 
 
 def reference_forward(student):
@@ -134,7 +140,7 @@ def linear_bound(updates, ps, a, k):
 
 
 def linear_student(updates, a, k, x):
-    stack = RetrofitStack(updates, a=a, iterations=k, state_dtype=torch.float64)
+    stack = RetrofitStack(updates, a=a, iterations=k, form="eq4.5", exact=False, state_dtype=torch.float64)
     with torch.no_grad():
         return stack(x)
 
@@ -180,7 +186,7 @@ def test_exact_identity_with_converged_estimate(a, device):
 def test_zero_shot_error_falls_with_iterations(make, device):
     teacher = scale_updates(make(n_layer=4) if make is not own_gpt else make(n_layers=4), 0.3).eval().to(device)
     x = ids(device=device)
-    errs = [zero_shot(teacher, reference_forward(retrofit(teacher, 0.5, k)), x) for k in (0, 1, 2, 4, 25)]
+    errs = [zero_shot(teacher, reference_forward(eq45(teacher, 0.5, k)), x) for k in (0, 1, 2, 4, 25)]
     max_err = [e[0] for e in errs]
     assert all(b < a for a, b in zip(max_err, max_err[1:4])), max_err
     assert max_err[3] < 0.05 * max_err[0]
@@ -191,7 +197,7 @@ def test_zero_shot_error_falls_with_iterations(make, device):
 def test_zero_shot_error_tiny_for_small_updates(device):
     x = ids(device=device)
     base = gpt2(n_layer=4).eval().to(device)
-    err = {s: zero_shot(t := scale_updates(copy.deepcopy(base), s), reference_forward(retrofit(t, 0.5, 1)), x)[0]
+    err = {s: zero_shot(t := scale_updates(copy.deepcopy(base), s), reference_forward(eq45(t, 0.5, 1)), x)[0]
            for s in (0.3, 0.1)}
     assert err[0.1] < err[0.3] / 5          # step error O(|f'|^3): shrinking the updates 3x gains ~27x
     assert err[0.1] < 1e-4
@@ -203,14 +209,14 @@ def test_zero_shot_error_tiny_for_small_updates(device):
 def test_block_evaluations_per_layer(k, device):
     """Forward: layer 0 calls f_0 once, layer j >= 1 calls f_j once and f_{j-1} k+1 times."""
     L = 3
-    student = retrofit(gpt2(n_layer=L).to(device), 0.5, k)
+    student = eq45(gpt2(n_layer=L).to(device), 0.5, k)
     calls = [0]
     for u in retrofit_stack(student).updates:
         u.layer.register_forward_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
     loss = student(ids(device=device)).logits.square().mean()
-    assert calls[0] == block_calls(L, k) == L + (L - 1) * (k + 1)
+    assert calls[0] == block_calls(L, k, "eq4.5") == L + (L - 1) * (k + 1)
     loss.backward()                          # the reversible backward recomputes every F_j once
-    assert calls[0] == 2 * block_calls(L, k)
+    assert calls[0] == 2 * block_calls(L, k, "eq4.5")
 
 
 def _memory(model, x):
@@ -230,7 +236,7 @@ def test_activation_memory_flat_in_depth(device):
     mem = {}
     for L in (2, 8):
         teacher = gpt2(n_layer=L).train().to(device)
-        student = retrofit(teacher, 0.5, 1)
+        student = eq45(teacher, 0.5, 1)
         del teacher                          # its parameters would count as live tensors
         mem[L] = _memory(student, x)
         mem["residual", L] = _memory(gpt2(n_layer=L).train().to(device), x)
@@ -259,13 +265,13 @@ def test_reversible_grads_match_autograd(case, device):
     """gpt2_dropout on CUDA: the recompute replays CUDA's RNG state (attention and residual dropout)."""
     x, kw = ids(device=device), {}
     if case == "gpt2_dropout":
-        student = retrofit(gpt2(n_layer=3, dropout=0.1).train().to(device), [0.5, 0.8, -0.6], 2)
+        student = eq45(gpt2(n_layer=3, dropout=0.1).train().to(device), [0.5, 0.8, -0.6], 2)
     elif case == "llama_padded":
-        student = retrofit(llama(n_layer=3).to(device), 0.5, 1)
+        student = eq45(llama(n_layer=3).to(device), 0.5, 1)
         kw["attention_mask"] = torch.ones_like(x)
         kw["attention_mask"][1, :5] = 0
     else:
-        student = retrofit(own_gpt(n_layers=3).to(device), 0.5, 1)
+        student = eq45(own_gpt(n_layers=3).to(device), 0.5, 1)
     _assert_same_grads(_grads(student, x, False, **kw), _grads(student, x, True, **kw))
 
 
@@ -292,7 +298,7 @@ def test_align_lowers_kl(device):
     cfg = tr.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, resid_pdrop=0.0,
                         embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.2, bos_token_id=0, eos_token_id=0)
     teacher = tr.GPT2LMHeadModel(cfg).eval().to(device)   # large init: peaked logits, a visible zero-shot KL
-    student = retrofit(teacher, 0.5, 0)
+    student = eq45(teacher, 0.5, 0)
     batches = [torch.randint(0, 64, (2, 16)).to(device)]
     before = evaluate_kl(student, teacher, batches)
     log = align(student, teacher, batches, steps=5, lr=3e-4, progress=False)
@@ -308,7 +314,7 @@ def test_align_lowers_kl(device):
 def test_gpt2_conversion_shares_nothing_and_keeps_weights(device):
     teacher = gpt2(n_layer=3).eval().to(device)
     snapshot = {k: v.clone() for k, v in teacher.state_dict().items()}
-    student = retrofit(teacher, 0.5, 1)
+    student = eq45(teacher, 0.5, 1)
     x = ids(device=device)
     out = student(x)
     assert out.logits.shape == (2, T, V)
@@ -333,13 +339,13 @@ def test_llama_conversion_forward_backward_with_mask_and_rotary(device):
     x = ids(device=device)
     mask = torch.ones_like(x)
     mask[1, :4] = 0                                                           # left padding
-    student = retrofit(teacher, 0.5, 25)
+    student = eq45(teacher, 0.5, 25)
     with torch.no_grad():
         t = teacher(x, attention_mask=mask).logits
         s = student(x, attention_mask=mask).logits
     keep = mask.bool()
     assert (s - t)[keep].abs().max() < 1e-5             # converged: padding mask and rotary handled
-    student = retrofit(teacher, 0.5, 1)
+    student = eq45(teacher, 0.5, 1)
     out = student(x, attention_mask=mask, labels=x)
     out.loss.backward()
     assert out.logits.shape == (2, T, V) and torch.isfinite(out.loss)
@@ -348,7 +354,7 @@ def test_llama_conversion_forward_backward_with_mask_and_rotary(device):
 
 def test_own_gpt_conversion(device):
     teacher = own_gpt(n_layers=3).eval().to(device)
-    student = retrofit(teacher, 0.5, 1)
+    student = eq45(teacher, 0.5, 1)
     assert student.cfg.arch == "retrofit" and teacher.cfg.arch == "baseline"
     assert student.lm_head.weight is student.wte.weight
     x = ids(device=device)
@@ -391,9 +397,221 @@ def test_cli_aligns_and_saves(tmp_path):
     summary = main(["--model", str(model_dir), "--out", str(out), "--steps", "2", "--batch-size", "2",
                     "--seq-len", "16", "--eval-batches", "1", "--data", str(tokens), "--no-progress"])
     assert math.isfinite(summary["kl_before"]) and math.isfinite(summary["kl_after"])
-    assert json.loads((out / "retrofit.json").read_text())["iterations"] == 1
+    record = json.loads((out / "retrofit.json").read_text())
+    assert (record["form"], record["iterations"], record["exact"], record["a"]) == ("compact", 0, True, 2 ** -4)
+    assert record["mean_side_bits"] == 4
     assert len((out / "kl_log.jsonl").read_text().splitlines()) == 2
     reloaded = _hf().GPT2LMHeadModel.from_pretrained(out, local_files_only=True)
     assert type(reloaded.transformer.h[0]).__name__ == "GPT2Block"
     from revkernels.retrofit import from_pretrained
-    assert retrofit_stack(from_pretrained(out, local_files_only=True)).iterations == 1
+    stack = retrofit_stack(from_pretrained(out, local_files_only=True))
+    assert (stack.form, stack.iterations, stack.exact, stack.a.tolist()) == ("compact", 0, True, [2 ** -4] * 2)
+
+
+# ------------------------------------------------------------------ forms, slots, options, meter, names
+
+class SlotRecorder(nn.Module):
+    """A context-taking update f(p) = W p that records (its layer, context, slot) per call."""
+
+    takes_context = True
+
+    def __init__(self, j, log, d=8, w=0.3):
+        super().__init__()
+        self.j, self.log = j, log
+        self.W = nn.Parameter(w * torch.randn(d, d, generator=torch.Generator().manual_seed(j)) / d ** 0.5)
+
+    def forward(self, p, context, slot):
+        self.log.append((self.j, context, slot))
+        return p @ self.W.T
+
+
+@pytest.mark.parametrize("form, k", [("compact", 0), ("eq4.5", 0), ("eq4.5", 2)])
+def test_context_and_slot_contract(form, k):
+    """Every forward makes every block call, each with its layer's context and the documented slot;
+    the slots are 0..block_calls-1, each used once."""
+    L, log = 4, []
+    stack = RetrofitStack([SlotRecorder(j, log) for j in range(L)], a=0.5, iterations=k, form=form, exact=False)
+    x = torch.randn(2, 3, 8)
+    stack(x, [f"ctx{j}" for j in range(L)])
+    expected = []
+    for j in range(L):
+        expected.append((j, f"ctx{j}", block_call_slot(L, k, form, j)))
+        if form == "eq4.5" and j:
+            expected += [(j - 1, f"ctx{j - 1}", block_call_slot(L, k, form, j, i)) for i in range(k + 1)]
+    assert log == expected
+    assert sorted(s for *_, s in log) == list(range(block_calls(L, k, form)))
+    assert block_call_slot(L, k, "eq4.5", 2, 0) == L + (k + 1) if form == "eq4.5" else True
+    log.clear()
+    stack(x, "one")                                     # one context for every layer
+    assert {c for _, c, _ in log} == {"one"}
+    with pytest.raises(ValueError, match="list of 3"):
+        stack(x, ["a", "b", "c"])
+
+
+def test_compact_form_is_one_block_per_layer_and_converges_like_a_squared():
+    """Compact: F_j = f_j, so L block calls per forward; on a tiny Llama KL(teacher || student) falls
+    like a^2 (a 4x smaller a: 16x smaller KL, within [8, 32] at these sizes), to 0 (< 1e-8) at a = 2^-8."""
+    teacher = llama(n_layer=4).eval()
+    x = ids()
+    student = retrofit(teacher)
+    assert (retrofit_stack(student).form, retrofit_stack(student).exact) == ("compact", True)
+    calls = [0]
+    for u in retrofit_stack(student).updates:
+        u.layer.register_forward_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
+    with torch.no_grad():
+        student(x)
+    assert calls[0] == block_calls(4) == 4
+    kl = {k: zero_shot(teacher, reference_forward(retrofit(teacher, 2.0 ** -k)), x)[2] for k in (2, 4, 8)}
+    assert 8 < kl[2] / kl[4] < 32, kl
+    assert kl[8] < kl[4] / 100, kl
+
+
+class ScaledLinear(nn.Module):
+    def __init__(self, W):
+        super().__init__()
+        self.W = nn.Parameter(W)
+
+    def forward(self, p):
+        return p @ self.W.T
+
+
+def test_iterations_never_increase_the_fixed_point_residual():
+    """f_{j-1}(p) = W p with ||W|| = 1.5: the plain iteration p_hat <- p - W p_hat diverges (its residual
+    |p - W q - q| grows 1.5x per step). The guard keeps each token's estimate at its best: the recorded
+    residuals never increase along the iterations, start at |W p| (computed here from the layer inputs),
+    and stay below the unguarded iterate's. With ||W|| = 0.3 (a contraction) every step is taken: the
+    output is eq. 4.5 with plain iterations."""
+    d, L, k = 8, 3, 3
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, d, generator=gen, dtype=torch.float64)
+    for w in (1.5, 0.3):
+        Ws = []
+        for _ in range(L):
+            q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+            Ws.append(w * q)                               # all singular values w
+        updates = [ScaledLinear(W) for W in Ws]
+        inputs = {}
+        for j, u in enumerate(updates):
+            u.register_forward_pre_hook(lambda m, args, j=j: None if j in inputs else     # f_j(p[j]) comes first
+                                            inputs.__setitem__(j, args[0].detach().clone()))   # the state buffer is reused
+        stack = RetrofitStack(updates, a=0.5, iterations=k, form="eq4.5", exact=False, state_dtype=torch.float64)
+        with torch.no_grad():
+            out = stack(x)
+        res = stack.last_fixed_point_residuals
+        assert sorted(res) == list(range(1, L))
+        for j in range(1, L):
+            p, W = inputs[j], Ws[j - 1]                    # layer j's input p[j]; f_{j-1} = W
+            r = res[j]
+            assert r.shape == (k + 1, 2, 5)
+            assert bool((r[1:] <= r[:-1]).all())
+            torch.testing.assert_close(r[0], (p @ W.T).norm(dim=-1))
+            q = p
+            for _ in range(k):                             # unguarded iterate
+                q = p - q @ W.T
+            plain = (p - q @ W.T - q).norm(dim=-1)
+            if w > 1:
+                assert bool((plain > 2 * r[-1]).all())     # 1.5^3 = 3.4x worse unguarded
+            else:
+                torch.testing.assert_close(r[-1], plain)
+        if w < 1:
+            ref = x
+            prev = x
+            for j, W in enumerate(Ws):                    # eq. 4.5 with plain iterations, from scratch
+                F = ref @ W.T
+                if j:
+                    q = ref
+                    for _ in range(k):
+                        q = ref - q @ Ws[j - 1].T
+                    F = F + 0.5 * q @ Ws[j - 1].T
+                prev, ref = ref, 0.5 * prev + 0.5 * ref + F
+            torch.testing.assert_close(out, ref)
+
+
+def test_options_refusals_and_records():
+    model = own_gpt(n_layers=3)
+    with pytest.raises(ValueError, match="form='compact'"):
+        retrofit(model, iterations=1)
+    with pytest.raises(ValueError, match="form must be"):
+        retrofit(model, form="eq4.4")
+    with pytest.raises(ValueError, match="nearest allowed value is 0.30078125"):
+        retrofit(model, a=0.3)                            # exact by default: dyadic a
+    with pytest.raises(ValueError, match="exact=True"):
+        retrofit(model, a=0.05, exact=False)              # 20^3 = 8000 > 1e3: untrustworthy backward
+    with pytest.raises(ValueError, match="calibration"):
+        retrofit(model, a="auto")
+    with pytest.raises(ValueError, match="exact=True"):
+        retrofit(model, a="auto", calibration=ids(), exact=False)
+    with pytest.raises(ValueError, match="a='auto'"):
+        retrofit(model, calibration=ids())
+    student = retrofit(model, a=[0.5, 2 ** -3, -1.0])
+    stack = retrofit_stack(student)
+    assert stack.mean_side_bits() == (1 + 3 + 0) / 3
+    record = stack.config_record()
+    assert record == {"a": [0.5, 0.125, -1.0], "iterations": 0, "form": "compact", "exact": True,
+                      "state_dtype": "float32"}
+    assert json.loads(json.dumps(record)) == record
+    again = RetrofitStack(list(stack.updates), **RetrofitStack.kwargs_from_record(record))
+    assert again.config_record() == record
+    old = RetrofitStack.kwargs_from_record({"a": [0.5] * 3, "iterations": 1, "state_dtype": "float32"})
+    assert (old["form"], old["exact"], old["iterations"]) == ("eq4.5", False, 1)
+    stack.set_a(2 ** -2)
+    assert stack.a.tolist() == [0.25] * 3 and stack.mean_side_bits() == 2
+    for bad, match in ((0.3, "nearest"), ([0.5, 0.0, 0.5], "not invertible")):
+        with pytest.raises(ValueError, match=match):
+            stack.set_a(bad)
+    assert stack.a.tolist() == [0.25] * 3                 # unchanged by the refusals
+    stack.set_a(2 ** -4)
+    with pytest.raises(ValueError, match="exact=True"):
+        stack.exact = False                              # 16^3 = 4096 > 1e3
+    assert stack.exact
+    stack.set_a(0.5)
+    stack.exact = False                                  # 2^3 = 8: trustworthy
+    with pytest.raises(ValueError, match="exact=True"):
+        stack.set_a(2 ** -4)
+    with pytest.raises(ValueError, match="max_reconstruction_error"):
+        stack.max_reconstruction_error = -1.0
+
+
+def test_meter_persistent_stack_and_state_dict_names(device):
+    """One ReversibleStack serves every forward (no warnings, no new stack); after a backward the meter
+    reads the last reconstruction error (exact: 0.0) and side bytes (k bit planes of ceil(numel/8) bytes
+    per layer); the inner stack adds nothing to the state_dict; max_reconstruction_error raises."""
+    import warnings
+    teacher = own_gpt(n_layers=3).to(device)
+    student = retrofit(teacher, a=[0.5, 0.25, 0.5])
+    stack = retrofit_stack(student)
+    inner = stack.reversible_stack
+    assert stack.last_reconstruction_error is None and stack.last_side_info_bytes is None
+    x = ids(device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            student(x, x)[1].backward()
+    assert stack.reversible_stack is inner
+    assert stack.last_reconstruction_error == 0.0
+    numel = 2 * T * 64
+    assert stack.last_side_info_bytes == (1 + 2 + 1) * math.ceil(numel / 8)
+    assert student.state_dict().keys() == {k.replace("body.blocks.", "body.updates."): 0
+                                           for k in teacher.state_dict()}.keys()
+    float_student = eq45(teacher, 0.5, 1)
+    fstack = retrofit_stack(float_student)
+    float_student(x, x)[1].backward()
+    assert fstack.last_side_info_bytes == 0 and fstack.last_reconstruction_error > 0   # float rounding
+    fstack.max_reconstruction_error = 0.0
+    with pytest.raises(RuntimeError, match="max_reconstruction_error"):
+        float_student(x, x)[1].backward()
+
+
+def test_every_import_spelling():
+    import importlib
+
+    import revkernels
+    import revkernels.retrofit as package
+    from revkernels import retrofit as name
+    from revkernels.retrofit import api, find_retrofit_stack, from_pretrained
+    assert name is package is revkernels.retrofit and isinstance(package, type(importlib))
+    assert revkernels.retrofit.from_pretrained is from_pretrained
+    assert name.align is align and name.find_retrofit_stack is find_retrofit_stack
+    assert name.retrofit is api.retrofit and revkernels.retrofit_kl is retrofit_kl
+    student = revkernels.retrofit(own_gpt(n_layers=2))    # the package is callable
+    assert name.find_retrofit_stack(student) is retrofit_stack(student)

@@ -89,6 +89,9 @@ def _bad_pt(tmp):
     (lambda d, tmp: ["--data", tokens_file(tmp, n=5), "--seq-len", "16"], "fewer than seq_len"),
     (lambda d, tmp: ["--data", tokens_file(tmp, vocab=1000)], r"\[0, 128\)"),
     (lambda d, tmp: ["--a", "0.5", "0.5", "0.5"], "per-layer"),
+    (lambda d, tmp: ["--iterations", "1"], "form='compact'"),                 # compact has no iterations
+    (lambda d, tmp: ["--a", "0.3"], "nearest allowed value is 0.30078125"),   # exact mode: dyadic a
+    (lambda d, tmp: ["--a", "0.01", "--float"], "exact=True"),               # 100^2 > 1e3: refused
     (lambda d, tmp: ["--model", tmp], "cannot load"),
     (lambda d, tmp: ["--model", tmp / "nowhere"], "not a local directory"),
     (lambda d, tmp: ["--out", tokens_file(tmp)], "not a directory"),

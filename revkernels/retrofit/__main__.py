@@ -1,11 +1,13 @@
 """python -m revkernels.retrofit: align a retrofitted Hugging Face causal LM to its teacher.
 
-    python -m revkernels.retrofit --model DIR --out DIR [--a 0.5] [--iterations 1] [--steps 200]
+    python -m revkernels.retrofit --model DIR --out DIR [--a 0.0625] [--form compact|eq4.5] [--iterations 0]
+        [--float] [--steps 200]
         [--lr 3e-5] [--batch-size 8] [--seq-len 256] [--data FILE] [--device cpu|cuda]
         [--dtype float32|bfloat16] [--seed 0] [--no-progress]
 
 --model: a local directory that `AutoModelForCausalLM.from_pretrained` reads (local_files_only=True;
-there is no download). It is the frozen teacher; the student is `retrofit(teacher, a, iterations)`
+there is no download). It is the frozen teacher; the student is `retrofit(teacher, a, iterations,
+form=..., exact=not --float)`
 (Gal et al., "Reversing Large Language Models for Efficient Training and Fine-Tuning", section 4).
 --data: token ids, one flat stream, cut into random windows of --seq-len: a `.pt` tensor, a `.npy`
 array, or a text file of whitespace-separated integers. Without --data the ids are uniform random
@@ -13,7 +15,7 @@ array, or a text file of whitespace-separated integers. Without --data the ids a
 --seq-len longer than the model's max_position_embeddings is shortened to it, with a note on stderr.
 --out receives: the student (`student.save_pretrained`: `revkernels.retrofit.from_pretrained(out)` gives
 it back; the plain transformers class loads the same weights as a residual model), `retrofit.json`
-(a, iterations, KL before/after on held-out batches, the settings) and `kl_log.jsonl` (KL per step).
+(a, form, iterations, exact, side bits, KL before/after on held-out batches, the settings) and `kl_log.jsonl` (KL per step).
 Bad input (a missing file, a = 0, ...) prints one line `error: ...` and exits with status 1
 (2 for a malformed option).
 """
@@ -28,6 +30,7 @@ import torch
 
 from .align import align, evaluate_kl
 from .api import retrofit
+from .core import retrofit_stack
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -125,11 +128,19 @@ def build_parser():
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output directory for the student checkpoint, retrofit.json and kl_log.jsonl "
                         "(required; created if missing)")
-    p.add_argument("--a", type=_number(float, None, nonzero=True), nargs="+", default=[0.5], metavar="A",
-                   help="coefficient a of the midpoint(a) step: one value, or one per layer; 0 is refused "
-                        "(default: 0.5)")
-    p.add_argument("--iterations", type=_number(int, 0), default=1,
-                   help="fixed-point iterations estimating p[j-1] (eq. 4.7), >= 0 (default: %(default)s)")
+    p.add_argument("--a", type=_number(float, None, nonzero=True), nargs="+", default=[2 ** -4], metavar="A",
+                   help="coefficient a of the midpoint(a) step: one value, or one per layer; 0 is refused; "
+                        "exact mode needs dyadic values m/2^k (k side bits per element per layer) "
+                        "(default: 0.0625 = 2^-4)")
+    p.add_argument("--form", choices=("compact", "eq4.5"), default="compact",
+                   help="the student: compact (F_j = f_j, one block call per layer) or eq4.5 "
+                        "(F_j = f_j + a f_(j-1)(p_hat)) (default: %(default)s)")
+    p.add_argument("--iterations", type=_number(int, 0), default=0,
+                   help="eq4.5 only: fixed-point iterations estimating p[j-1] (eq. 4.7), >= 0 "
+                        "(default: %(default)s)")
+    p.add_argument("--float", action="store_true",
+                   help="float mode instead of the bit-exact reversible backward; refused where its "
+                        "gradients cannot be trusted (default: exact mode)")
     p.add_argument("--steps", type=_number(int, 1), default=200,
                    help="KL alignment steps (eq. 4.6), one batch each (default: %(default)s)")
     p.add_argument("--lr", type=_number(float, 0, inclusive=False), default=3e-5,
@@ -184,7 +195,8 @@ def _prepare(args):
     teacher.to(args.device).eval().requires_grad_(False)
     a = args.a[0] if len(args.a) == 1 else args.a
     try:
-        student = retrofit(teacher, a=a, iterations=args.iterations).requires_grad_(True).eval()
+        student = retrofit(teacher, a=a, iterations=args.iterations, form=args.form,
+                           exact=not args.float).requires_grad_(True).eval()
     except (TypeError, ValueError) as e:
         raise ValueError(f"cannot retrofit {type(teacher).__name__} (--a {' '.join(map(str, args.a))}): "
                          f"{_one_line(e)}") from None
@@ -221,7 +233,8 @@ def main(argv=None):
     kl_after = evaluate_kl(student, teacher, held_out, args.reverse, args.device)
     print(f"KL after {len(log)} steps: {kl_after:.6g}")
     student.save_pretrained(args.out)
-    summary = {"a": a, "iterations": args.iterations, "kl_before": kl_before, "kl_after": kl_after,
+    summary = {"a": a, "form": args.form, "iterations": args.iterations, "exact": not args.float,
+               "mean_side_bits": retrofit_stack(student).mean_side_bits(), "kl_before": kl_before, "kl_after": kl_after,
                "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "seq_len": seq_len,
                "data": args.data or "random", "reverse": args.reverse, "teacher": os.path.abspath(args.model)}
     with open(os.path.join(args.out, "retrofit.json"), "w") as fh:

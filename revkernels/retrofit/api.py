@@ -88,7 +88,7 @@ def _retrofit_hf(model, **kwargs):
             return super().forward(p, context)
 
     from .core import RetrofitStack
-    student = hf.retrofit_hf(model, kwargs["a"], 0, kwargs["state_dtype"])
+    student = hf.retrofit_hf(model, 1.0, 0, kwargs["state_dtype"])     # a placeholder stack, replaced below
     driver = next(m for m in student.modules() if isinstance(m, hf.HFRetrofitLayers))
     for update in driver.stack.updates:
         update.__class__ = _SlotUpdate

@@ -81,7 +81,8 @@ def call_update(f, p, context, slot):
 def token_residual(p, q, fq):
     """r(q) = |p - f(q) - q| per token (norm over the last dim): how far q is from the fixed point of
     q = p - f(q), i.e. from being p[j-1]."""
-    return torch.linalg.vector_norm((p - fq - q).float(), dim=-1)
+    diff = p - fq - q
+    return torch.linalg.vector_norm(diff, dim=-1, dtype=torch.promote_types(diff.dtype, torch.float32))
 
 
 class RetrofitBlock(nn.Module):
