@@ -8,22 +8,17 @@ residual layer loop
 with `layers` an nn.ModuleList of config.num_hidden_layers layers that take the hidden state as their
 first argument. The decoder is `model.get_decoder()` (or `getattr(model, model.base_model_prefix)`), and
 the layer list is the one child ModuleList of it with num_hidden_layers entries. Llama, Mistral, Qwen2,
-Qwen3, Gemma 2, Gemma 3 (text), Phi-3, OLMo, GPT-2 and GPT-NeoX are tested (tests/test_hf_families.py).
+Qwen3, Gemma 2, Gemma 3 (text), Phi-3, OLMo, GPT-2 and GPT-NeoX are tested (tests/test_hf_families.py);
+none of them needed a family-specific entry: their per-layer differences (sliding or global mask,
+Gemma 3's rotary table per layer type) are arguments of the layer call, which hf.py records per layer.
 
-`REFUSED` is the registry of families whose loop looks like that but is not: it names why. Everything
-else that breaks the convention is refused when it is seen: here (encoder-decoder, cross attention, no
-layer list), or at the first forward (hf.py: a loop that changes the hidden state between layers, a
-layer that changes its shape).
+A model that breaks the convention is refused with a TypeError saying why: here (encoder-decoder,
+cross attention, no layer list), or at the first forward (hf.py: a loop that changes the hidden state
+between layers or skips a layer, a layer that changes the hidden state's shape).
 """
 import inspect
 
 from torch import nn
-
-# model_type -> why its layer loop is not h -> layer(h, **kw) with a shared residual state
-REFUSED = {
-    "gemma3n": "its decoder carries AltUp predictions and per-layer inputs between layers (not one residual state)",
-}
-
 
 def text_config(model):
     """The decoder's config (the text config of a multimodal config)."""
@@ -45,9 +40,6 @@ def find_layers(model):
     TypeError saying why otherwise."""
     name = f"{type(model).__module__}.{type(model).__name__}"
     config = text_config(model)
-    model_type = getattr(config, "model_type", None)
-    if model_type in REFUSED:
-        raise TypeError(f"retrofit does not support {name} (model_type {model_type!r}): {REFUSED[model_type]}")
     if getattr(model.config, "is_encoder_decoder", False):
         raise TypeError(f"retrofit does not support {name}: it is an encoder-decoder model; only decoder-only "
                         "causal LMs are retrofitted")

@@ -22,8 +22,10 @@ follow (grad enabled, a reversible stack, something requiring grad) is refused: 
 would call every layer again and write the cache twice. config.use_cache is False (a training forward
 builds no cache), generation_config.use_cache keeps the source's (generate uses the cache).
 
-Per-layer `output_hidden_states` / `output_attentions` are those of the layers' block calls (one per
-slot, inputs p[j]), not the residual model's; `last_hidden_state` and the logits are the student's.
+Per-layer `output_hidden_states` / `output_attentions` are recorded by transformers' hooks on the layers,
+so they come from the block calls: the compact form gives L entries, layer_j(p[j]) = p[j] + f_j(p[j]),
+eq4.5 one more per extra call (measured: 8 hidden states for 3 layers, 1 iteration), not the residual
+model's states; `last_hidden_state` and the logits are the student's.
 
 `gradient_checkpointing_enable()` / `activation_checkpointing_enable()` (also what `Trainer` calls for
 `gradient_checkpointing=True`) are bound on the student instance to a no-op that warns (once per call): the
