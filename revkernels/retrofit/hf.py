@@ -23,9 +23,9 @@ would call every layer again and write the cache twice. config.use_cache is Fals
 builds no cache), generation_config.use_cache keeps the source's (generate uses the cache).
 
 Per-layer `output_hidden_states` / `output_attentions` are recorded by transformers' hooks on the layers,
-so they come from the block calls: the compact form gives L entries, layer_j(p[j]) = p[j] + f_j(p[j]),
-eq4.5 one more per extra call (measured: 8 hidden states for 3 layers, 1 iteration), not the residual
-model's states; `last_hidden_state` and the logits are the student's.
+so they come from the block calls: the embedding, then one per block call (compact: L of them,
+layer_j(p[j]) = p[j] + f_j(p[j]); eq4.5 adds the extra calls: measured 8 hidden states for 3 layers and 1
+iteration), not the residual model's states; `last_hidden_state` and the logits are the student's.
 
 `gradient_checkpointing_enable()` / `activation_checkpointing_enable()` (also what `Trainer` calls for
 `gradient_checkpointing=True`) are bound on the student instance to a no-op that warns (once per call): the
