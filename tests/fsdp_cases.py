@@ -34,7 +34,8 @@ def build(arch, n_layers=None):
     torch.manual_seed(0)
     cfg = dict(CFG, n_layers=n_layers or CFG["n_layers"])
     if arch == "retrofit":
-        return rk.retrofit(rk.GPT(rk.GPTConfig(arch="baseline", **cfg)), a=0.5, iterations=1)
+        return rk.retrofit(rk.GPT(rk.GPTConfig(arch="baseline", **cfg)), a=0.5, iterations=1, form="eq4.5",
+                           exact=False)     # f_(j-1) serves two blocks: the case FSDP2 must re-arm
     if arch.endswith("-exact"):
         return rk.GPT(rk.GPTConfig(arch=arch.removesuffix("-exact"), exact=True, **cfg))
     return rk.GPT(rk.GPTConfig(arch=arch, **cfg))

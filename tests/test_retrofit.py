@@ -492,8 +492,9 @@ def test_iterations_never_increase_the_fixed_point_residual():
         updates = [ScaledLinear(W) for W in Ws]
         inputs = {}
         for j, u in enumerate(updates):
-            u.register_forward_pre_hook(lambda m, args, j=j: None if j in inputs else     # f_j(p[j]) comes first
-                                            inputs.__setitem__(j, args[0].detach().clone()))   # the state buffer is reused
+            # the first call of update j is f_j(p[j]); clone: the stack reuses its state buffers
+            u.register_forward_pre_hook(lambda m, args, j=j: None if j in inputs else
+                                        inputs.__setitem__(j, args[0].detach().clone()))
         stack = RetrofitStack(updates, a=0.5, iterations=k, form="eq4.5", exact=False, state_dtype=torch.float64)
         with torch.no_grad():
             out = stack(x)

@@ -8,7 +8,8 @@ the same hyper-parameters and token count: AdamW, linear warm-up then cosine dec
 clipping at 1, no dropout. Every `eval_every` steps: mean training loss since the last row, loss on
 a fixed validation set, tokens seen, training seconds.
 
-Part 2 (paper section 4). The trained baseline is the teacher: rk.retrofit(teacher, a=0.5, iterations=k)
+Part 2 (paper section 4). The trained baseline is the teacher: rk.retrofit(teacher, a=0.5, iterations=k,
+form="eq4.5") (exact mode)
 for k = 0, 1, 2 gives a reversible midpoint(a) student with the teacher's weights (eq. 4.5, p[j-1]
 estimated by k fixed-point steps, eq. 4.7). Its zero-shot validation loss and KL(teacher || student)
 (eq. 4.6, mean per token) are measured, then it is aligned by minimising that KL on the training
@@ -126,7 +127,7 @@ def train_arch(ctx, p, arch, data: Batches):
 def retrofit_arch(ctx, p, teacher, iterations: int, data: Batches):
     """Retrofit the trained `teacher` (a=0.5, `iterations`), then KL-align it; returns (student, rows)."""
     teacher.eval()
-    student = retrofit(teacher, a=RETROFIT_A, iterations=iterations)
+    student = retrofit(teacher, a=RETROFIT_A, iterations=iterations, form="eq4.5")   # exact mode
     student.eval()                                   # no dropout during alignment (the usual choice)
     arch = f"retrofit-it{iterations}"
     val_ids = [x for x, _ in data.val]
@@ -255,8 +256,8 @@ validation losses comparable to, or better than, the baseline's at the same toke
 each reversible arch within a few percent of the baseline's validation loss (the archs are different
 networks with different initial weights, so small differences either way are expected).
 
-Retrofit of the trained baseline (paper section 4): rk.retrofit(baseline, a={RETROFIT_A}, iterations=k), zero
-shot, then {p['align_steps']} steps of KL alignment (eq. 4.6, AdamW lr {p['align_lr']:g}) on batches the
+Retrofit of the trained baseline (paper section 4): rk.retrofit(baseline, a={RETROFIT_A}, iterations=k,
+form="eq4.5") in exact mode, zero shot, then {p['align_steps']} steps of KL alignment (eq. 4.6, AdamW lr {p['align_lr']:g}) on batches the
 teacher never trained on. KL = mean per token of KL(teacher || student) on the validation windows.
 Teacher validation loss: {base['val_loss']:.4f}.
 

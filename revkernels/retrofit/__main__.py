@@ -15,7 +15,8 @@ array, or a text file of whitespace-separated integers. Without --data the ids a
 --seq-len longer than the model's max_position_embeddings is shortened to it, with a note on stderr.
 --out receives: the student (`student.save_pretrained`: `revkernels.retrofit.from_pretrained(out)` gives
 it back; the plain transformers class loads the same weights as a residual model), `retrofit.json`
-(a, form, iterations, exact, side bits, KL before/after on held-out batches, the settings) and `kl_log.jsonl` (KL per step).
+(a, form, iterations, exact, side bits, KL before/after on held-out batches, the settings) and
+`kl_log.jsonl` (KL per step).
 Bad input (a missing file, a = 0, ...) prints one line `error: ...` and exits with status 1
 (2 for a malformed option).
 """

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import gpt, hf, hf_checkpoint
-from .core import ACoef, SUPPORTED, _check_form, find_retrofit_stack, retrofit_stack
+from .core import ACoef, SUPPORTED, check_form, find_retrofit_stack, retrofit_stack
 
 DEFAULT_A = 2 ** -4
 
@@ -36,7 +36,7 @@ def retrofit(model: nn.Module, a: Union[ACoef, str] = DEFAULT_A, iterations: int
         raise TypeError(f"retrofit expects an nn.Module, got {type(model).__name__}")
     if find_retrofit_stack(model) is not None:
         raise ValueError(f"{type(model).__name__} is already retrofitted")
-    _check_form(form, iterations)
+    check_form(form, iterations)
     auto = isinstance(a, str)
     if auto:
         if a != "auto":

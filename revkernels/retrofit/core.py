@@ -27,7 +27,6 @@ compact: layer j -> slot j. eq4.5: f_j(p) inside F_j -> slot j; the i-th call of
 
 This file imports nothing from the model adapters (gpt.py, hf.py) or the checkpoint I/O above them.
 """
-import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -44,7 +43,7 @@ SUPPORTED = ("transformers GPT2LMHeadModel", "GPT2Model", "LlamaForCausalLM", "L
              "revkernels GPT (arch 'baseline' or 'checkpoint')")
 
 
-def _check_form(form, iterations):
+def check_form(form, iterations):
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
@@ -56,14 +55,14 @@ def _check_form(form, iterations):
 
 def block_calls(n_layers: int, iterations: int = 0, form: str = "compact") -> int:
     """Block calls (= cache slots) in one forward: compact L; eq4.5 L + (L-1)(iterations+1)."""
-    _check_form(form, iterations)
+    check_form(form, iterations)
     return n_layers if form == "compact" else n_layers + (n_layers - 1) * (iterations + 1)
 
 
 def block_call_slot(n_layers: int, iterations: int, form: str, layer: int, i: Optional[int] = None) -> int:
     """The slot of one block call: layer j's own f_j (i=None) -> j; in eq4.5 the i-th call of f_{j-1}
     inside F_j (j >= 1, i = 0..iterations, i = iterations the final evaluation) -> L + (j-1)(iterations+1) + i."""
-    _check_form(form, iterations)
+    check_form(form, iterations)
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} out of range for {n_layers} layers")
     if i is None:
@@ -184,7 +183,7 @@ class RetrofitStack(nn.Module):
         super().__init__()
         if len(updates) == 0:
             raise ValueError("updates is empty: nothing to retrofit")
-        _check_form(form, iterations)
+        check_form(form, iterations)
         coef = per_layer_a(a, len(updates))
         check_coefficients(coef, exact)
         self.updates = nn.ModuleList(updates)
