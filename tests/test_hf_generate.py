@@ -80,7 +80,8 @@ def test_training_forward_builds_no_cache_and_generate_uses_one():
 
 def test_caches_that_cannot_hold_every_slot_are_refused():
     """eq4.5 makes more block calls than the model has layers: a StaticCache (sized for the layers) and a
-    cache another model filled are refused, not written out of place."""
+    cache another model filled (the teacher's; an eq4.5 student's given to a compact one) are refused,
+    not written out of place."""
     teacher = llama()
     s = rk.retrofit(teacher, a=2 ** -2, form="eq4.5", iterations=1)
     with pytest.raises(NotImplementedError, match="DynamicCache"):
@@ -89,6 +90,9 @@ def test_caches_that_cannot_hold_every_slot_are_refused():
         filled = teacher(ids(), use_cache=True).past_key_values
         with pytest.raises(ValueError, match="not filled by this student"):
             s(ids(n=1), past_key_values=filled, use_cache=True)
+        eq45_cache = s(ids(), use_cache=True).past_key_values                # 3 + 2 * 2 = 7 slots
+        with pytest.raises(ValueError, match="not filled by this student"):
+            rk.retrofit(teacher, a=2 ** -2)(ids(n=1), past_key_values=eq45_cache, use_cache=True)
 
 
 # ------------------------------------------------------------------ what the adapter refuses

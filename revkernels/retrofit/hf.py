@@ -248,7 +248,10 @@ def fit_cache(cache, decoder, stack):
     from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, DynamicCache
     owners = slot_layers(len(stack.updates), stack.iterations, stack.form)
     have = len(cache.layers)
-    if have >= len(owners) or getattr(cache, "layer_class_to_replicate", None) is not None:
+    if have > len(owners):
+        raise ValueError(f"the cache has {have} layers but this student makes {len(owners)} block calls per forward "
+                         f"(form={stack.form!r}, iterations={stack.iterations}): it was not filled by this student")
+    if have == len(owners) or getattr(cache, "layer_class_to_replicate", None) is not None:
         return
     if not isinstance(cache, DynamicCache):
         raise NotImplementedError(
