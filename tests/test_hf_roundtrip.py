@@ -1,6 +1,8 @@
 """Hugging Face round trip of a retrofitted model (issue 8, items 4 and 5): save_pretrained ->
 revkernels.retrofit.from_pretrained, the plain transformers class, Trainer save + resume, a PEFT LoRA
-adapter, gradient_checkpointing_enable. Tiny models (2 layers, d=32, vocab 64) on the CPU.
+adapter, gradient_checkpointing_enable. Tiny models (2 layers, d=32, vocab 64) on the CPU; the students
+are eq4.5 with one iteration and a = 0.5 (exact mode), so that every recorded field differs from the
+defaults.
 
 Every student's weights are first moved off the teacher's (noise of std 0.01 on every parameter), so
 neither re-initialised blocks nor a reload of the teacher's weights can give the student's logits.
@@ -36,13 +38,14 @@ def llama():
 
 
 MODELS = {"gpt2": gpt2, "llama": llama}
+EQ45 = dict(a=0.5, form="eq4.5", iterations=1)
 
 
 def student_off_teacher(make, seed=0):
     """(teacher, retrofitted student whose every weight moved by noise of std 0.01)."""
     torch.manual_seed(seed)
     teacher = make().eval()
-    student = retrofit(teacher, a=0.5, iterations=1)
+    student = retrofit(teacher, **EQ45)
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -65,19 +68,20 @@ def test_save_pretrained_then_from_pretrained_gives_the_same_student(arch, tmp_p
     expected = logits(student, x)
     # The noise matters: the teacher's weights retrofitted give other logits (measured 0.015 GPT-2,
     # 0.023 Llama max abs), so a reload that lost the student's weights fails below.
-    assert (logits(retrofit(teacher, a=0.5, iterations=1), x) - expected).abs().max() > 1e-3
+    assert (logits(retrofit(teacher, **EQ45), x) - expected).abs().max() > 1e-3
     student.save_pretrained(tmp_path)
 
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["revkernels_retrofit"] == {
-        "a": [0.5, 0.5], "iterations": 1, "state_dtype": "float32", "source_class": type(teacher).__name__,
+        "a": [0.5, 0.5], "iterations": 1, "form": "eq4.5", "exact": True, "state_dtype": "float32",
+        "source_class": type(teacher).__name__,
         "source_use_cache": True, "revkernels_version": importlib.metadata.version("revkernels")}
     assert config["architectures"] == [type(teacher).__name__] and config["use_cache"] is True
 
     reloaded = revkernels.retrofit.from_pretrained(tmp_path)
     assert type(reloaded) is type(teacher)
     stack = retrofit_stack(reloaded)
-    assert stack.iterations == 1 and stack.a.tolist() == [0.5, 0.5]
+    assert (stack.form, stack.iterations, stack.exact) == ("eq4.5", 1, True) and stack.a.tolist() == [0.5, 0.5]
     assert reloaded.config.use_cache is False
     torch.testing.assert_close(logits(reloaded, x), expected, rtol=0, atol=0)   # measured: 0.0 both archs
     for (name, p), q in zip(student.named_parameters(), reloaded.parameters()):
@@ -98,20 +102,31 @@ def test_plain_class_loads_every_weight_and_computes_the_residual_model(arch, tm
     torch.testing.assert_close(logits(plain, x), logits(unretrofit(student), x), rtol=0, atol=0)
 
 
-def test_state_dict_names_and_load_state_dict_accepts_both(tmp_path):
-    """In memory the module names stay (optimizers, torch.distributed.checkpoint key on them);
-    load_state_dict accepts them and the source names save_pretrained writes, strictly."""
-    from revkernels.retrofit.hf_checkpoint import source_names
+@pytest.mark.parametrize("arch", MODELS)
+def test_state_dict_names_are_the_source_names(arch):
+    """The student keeps its layers where the source had them: state_dict() has exactly the source
+    model's keys (the stack holds no weights; a is configuration), so optimizers, torch.distributed
+    checkpoints and the plain class all key on the same names, and the teacher's state_dict loads
+    strictly."""
+    teacher, student = student_off_teacher(MODELS[arch])
+    assert student.state_dict().keys() == teacher.state_dict().keys()
+    assert [n for n, _ in student.named_parameters()] == [n for n, _ in teacher.named_parameters()]
+    other = retrofit(teacher, **EQ45)
+    other.load_state_dict(student.state_dict(), strict=True)
+    torch.testing.assert_close(logits(other, ids()), logits(student, ids()), rtol=0, atol=0)
+
+
+def test_a_record_without_form_loads_as_the_float_eq45_student_it_was(tmp_path):
+    """Checkpoints saved before forms existed record a and iterations only: they were eq. 4.5 in float
+    mode, and load as that."""
     _, student = student_off_teacher(gpt2)
-    own = student.state_dict()
-    assert "transformer.h.0.stack.updates.1.layer.attn.c_attn.weight" in own
-    assert not any(k.endswith("stack.a") for k in own)                  # a is config, not a weight
-    source = source_names(student, own)
-    assert "transformer.h.1.attn.c_attn.weight" in source and len(source) == len(own)
-    for state in (own, source):
-        _, other = student_off_teacher(gpt2, seed=1)
-        other.load_state_dict(state, strict=True)
-        torch.testing.assert_close(logits(other, ids()), logits(student, ids()), rtol=0, atol=0)
+    student.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("form", "exact"):
+        del config["revkernels_retrofit"][key]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    stack = retrofit_stack(revkernels.retrofit.from_pretrained(tmp_path))
+    assert (stack.form, stack.iterations, stack.exact) == ("eq4.5", 1, False)
 
 
 def test_from_pretrained_refuses_a_plain_checkpoint(tmp_path):
@@ -129,7 +144,7 @@ def test_trainer_checkpoint_and_resume(tmp_path):
 
     def run(resume=None):
         torch.manual_seed(0)
-        student = retrofit(teacher, a=0.5, iterations=1).train()
+        student = retrofit(teacher, **EQ45).train()
         args = tr.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=4,
                                     save_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
                                     logging_strategy="no", seed=0, dataloader_num_workers=0,
