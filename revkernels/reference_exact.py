@@ -41,12 +41,13 @@ def _flags(range_bad, update_bad, inexact=None):
 
 
 def pack_side(r, k):
-    """k bit planes of r (int64, values in [0, 2^k)) as uint8 of shape (k, ceil(n/8))."""
+    """k bit planes of r (int64, values in [0, 2^k)) as uint8 of shape (k, ceil(n/8)), all planes at once."""
     flat = r.reshape(-1)
     pad = (-flat.numel()) % 8
     flat = torch.cat([flat, flat.new_zeros(pad)]).view(-1, 8)
+    planes = torch.arange(k, device=r.device).view(k, 1, 1)
     weights = torch.arange(8, device=r.device)
-    return torch.stack([(((flat >> b) & 1) << weights).sum(1) for b in range(k)]).to(torch.uint8)
+    return (((flat >> planes) & 1) << weights).sum(-1).to(torch.uint8)
 
 
 def unpack_side(side, k, shape):
@@ -54,10 +55,10 @@ def unpack_side(side, k, shape):
     n = 1
     for s in shape:
         n *= s
+    planes = torch.arange(k, device=side.device).view(k, 1)
     weights = torch.arange(8, device=side.device)
-    r = torch.zeros(side.shape[1] * 8, dtype=torch.int64, device=side.device)
-    for b in range(k):
-        r += ((side[b].to(torch.int64)[:, None] >> weights) & 1).reshape(-1) << b
+    bits = (side.to(torch.int64)[:, :, None] >> weights) & 1            # (k, bytes, 8)
+    r = (bits.reshape(k, -1) << planes).sum(0)
     return r[:n].view(shape)
 
 
