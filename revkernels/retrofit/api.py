@@ -8,9 +8,11 @@ import torch
 from torch import nn
 
 from . import gpt, hf, hf_checkpoint
-from .core import ACoef, SUPPORTED, check_form, find_retrofit_stack, retrofit_stack
+from .core import ACoef, check_form, find_retrofit_stack, retrofit_stack
 
 DEFAULT_A = 2 ** -4
+SUPPORTED = ("transformers decoder-only causal LMs whose decoder runs a residual layer loop (families.py)",
+             "revkernels GPT (arch 'baseline' or 'checkpoint')")
 
 
 def retrofit(model: nn.Module, a: Union[ACoef, str] = DEFAULT_A, iterations: int = 0, *, form: str = "compact",
@@ -53,7 +55,7 @@ def retrofit(model: nn.Module, a: Union[ACoef, str] = DEFAULT_A, iterations: int
     if gpt.is_gpt(model):
         student = gpt.retrofit_gpt(model, **kwargs)
     elif hf.is_transformers_model(model):
-        student = _retrofit_hf(model, **kwargs)
+        student = hf.retrofit_hf(model, **kwargs)
         hf_checkpoint.install(student)
     else:
         raise TypeError(f"retrofit does not support {type(model).__module__}.{type(model).__name__}: "
@@ -72,26 +74,3 @@ def unretrofit(model: nn.Module) -> nn.Module:
         return gpt.unretrofit_gpt(model)
     return hf.unretrofit_hf(model)
 
-
-def _retrofit_hf(model, **kwargs):
-    """hf.retrofit_hf(model, **RetrofitStack kwargs) -- the interface helper B's hf.py provides.
-
-    TEMPORARY bridge to the previous hf.py (retrofit_hf(model, a, iterations, state_dtype), updates
-    called as f(p, context)); the lead deletes this function when merging B's hf.py and calls
-    hf.retrofit_hf(model, **kwargs) directly."""
-    import inspect
-    if "form" in inspect.signature(hf.retrofit_hf).parameters:
-        return hf.retrofit_hf(model, **kwargs)
-
-    class _SlotUpdate(hf.HFLayerUpdate):
-        def forward(self, p, context, slot=None):
-            return super().forward(p, context)
-
-    from .core import RetrofitStack
-    student = hf.retrofit_hf(model, 1.0, 0, kwargs["state_dtype"])     # a placeholder stack, replaced below
-    driver = next(m for m in student.modules() if isinstance(m, hf.HFRetrofitLayers))
-    for update in driver.stack.updates:
-        update.__class__ = _SlotUpdate
-    driver.stack = RetrofitStack(list(driver.stack.updates), **kwargs)
-    getattr(student.config, hf_checkpoint.CONFIG_KEY).update(driver.stack.config_record())
-    return student

@@ -39,9 +39,6 @@ ACoef = Union[float, Sequence[float], torch.Tensor]
 FORMS = ("compact", "eq4.5")
 MAX_FLOAT_AMPLIFICATION = 1e3     # beyond it float mode's gradients are untrustworthy (layers.py warns there too)
 
-SUPPORTED = ("transformers GPT2LMHeadModel", "GPT2Model", "LlamaForCausalLM", "LlamaModel",
-             "revkernels GPT (arch 'baseline' or 'checkpoint')")
-
 
 def check_form(form, iterations):
     if form not in FORMS:
