@@ -19,6 +19,7 @@ BENCHMARKS = {
     "exact": "exact",
     "stability": "stability",
     "quality": "quality",
+    "retrofit": "retrofit",
 }
 DESCRIPTION = """\
 Benchmarks of revkernels. Each writes OUT/NAME.csv, OUT/NAME.png and OUT/NAME.md (a markdown report
@@ -37,6 +38,8 @@ done; it runs nothing).
   exact             exact mode's cost: step time of exact=True vs exact=False, midpoint_a's side bits
   stability         linear stability regions of the schemes (closed form)
   quality           five archs trained on real text, then the retrofit of the trained baseline
+  retrofit          the retrofit of SmolLM2-135M-Instruct: zero-shot KL vs a per form, a="auto", step time
+                    vs gradient checkpointing, gradient error, alignment curves, greedy samples
 
 Presets: cpu (small shapes; `make bench` runs them all in about 5 minutes on 2 cores) and gpu (the
 paper's shapes on the current CUDA device, as a plan of resumable chunks of under 9 minutes:
