@@ -116,8 +116,9 @@ def _check_cli_files(name, tmp_path, capsys):
         assert len(list(csv.DictReader(fh))) > 0
 
 
-# quality, drift, exact, frontier: their own tests below check these files too
-@pytest.mark.parametrize("name", [n for n in BENCHMARKS if n not in ("quality", "drift", "exact", "frontier")])
+# quality, drift, exact, frontier, retrofit: their own tests below check these files too
+@pytest.mark.parametrize("name", [n for n in BENCHMARKS if n not in ("quality", "drift", "exact", "frontier",
+                                                                     "retrofit")])
 def test_cli_writes_csv_png_md(name, tmp_path, capsys, restore_threads):
     assert main([name, *TINY, "--out", str(tmp_path)]) == 0
     _check_cli_files(name, tmp_path, capsys)
@@ -513,3 +514,26 @@ def test_exact_benchmark_times_both_modes_and_tabulates_side_bits(tmp_path, caps
         assert int(r["side_bytes_measured"]) == int(r["side_bytes_reported"]) == int(r["side_bits"]) * n // 8
         assert (int(r["side_bits"]) == 0) == (r["a"] in ("1", "-1"))
     assert "all three agree at every point" in md and "1.05x" in md
+
+
+def test_retrofit_tiny_writes_every_row(tmp_path, capsys, restore_threads):
+    """`bench retrofit` end to end on a random tiny Llama: a row per form and a, per a="auto" target,
+    per timed model, per gradient mode, per alignment evaluation and per generation sample."""
+    from revkernels.bench import retrofit
+    assert main(["retrofit", *TINY, "--out", str(tmp_path)]) == 0
+    _check_cli_files("retrofit", tmp_path, capsys)
+    rows = read_csv(tmp_path / "retrofit.csv")
+    p = retrofit.PRESETS["tiny"]
+    assert tuple(rows[0]) == retrofit.COLUMNS
+    by = lambda section: [r for r in rows if r["section"] == section]
+    assert len(by("zero-shot")) == len(p["forms"]) * len(p["ks"])
+    assert all(math.isfinite(float(r["kl"])) and float(r["kl"]) > -1e-6 for r in by("zero-shot"))   # fp32 rounding
+    assert [float(r["target_kl"]) for r in by("auto")] == list(p["targets"])
+    assert {r["model"] for r in by("step")} == {"teacher", "teacher+ckpt", "compact", "eq4.5-it0", "eq4.5-it1"}
+    assert all(float(r["step_ms"]) > 0 and int(r["act_bytes"]) > 0 for r in by("step"))
+    grad = {r["model"]: float(r["grad_err"]) for r in by("grad")}
+    assert grad["compact-exact"] < 1e-4        # exact mode: the reversible backward's gradients are exact
+    for objective in ("kl", "state"):
+        steps = [int(r["step"]) for r in by("align") if r["objective"] == objective]
+        assert steps == list(range(0, p["align_steps"] + 1, p["eval_every"]))
+    assert len(by("generate")) == 5

@@ -20,6 +20,7 @@ BENCHMARKS = {
     "stability": "stability",
     "quality": "quality",
     "frontier": "frontier",
+    "retrofit": "retrofit",
 }
 WINDOW_COMMANDS = ("gpu-check", "gpu-table4")     # one GPU command each (revkernels.bench.gpu_check)
 DESCRIPTION = """\
@@ -43,6 +44,8 @@ estimated minutes without a GPU; `--preset tiny` rehearses them on the CPU at ti
   stability         linear stability regions of the schemes (closed form)
   quality           five archs trained on real text, then the retrofit of the trained baseline
   frontier          activation memory vs step time: checkpoint, selective AC, reversible stored_layers 0..L
+  retrofit          the retrofit of SmolLM2-135M-Instruct: zero-shot KL vs a per form, a="auto", step time
+                    vs gradient checkpointing, gradient error, alignment curves, greedy samples
 
 Presets: cpu (small shapes; `make bench` runs them all in about 5 minutes on 2 cores) and gpu (the
 paper's shapes on the current CUDA device, as a plan of resumable chunks of under 9 minutes:

@@ -1,6 +1,7 @@
 """Aligning a retrofitted student to its frozen teacher: the KL loss of eq. 4.6 and a fine-tuning loop."""
 import itertools
 import json
+import time
 from typing import Iterable, List, Optional
 
 import torch
@@ -71,26 +72,106 @@ def evaluate_kl(student, teacher, batches: Iterable, reverse: bool = False, devi
     return total / max(n, 1)
 
 
+OBJECTIVES = ("state", "kl")
+
+
+class _StudentStates:
+    """Forward pre-hooks on the stack's updates recording p[j], the input of f_j's first call in each
+    forward (in both forms f_j(p[j]) is the first call of update j; eq. 4.5 calls it again inside
+    F_{j+1})."""
+
+    def __init__(self, stack):
+        self.states = {}
+        self.handles = [u.register_forward_pre_hook(self._hook(j)) for j, u in enumerate(stack.updates)]
+
+    def _hook(self, j):
+        def hook(module, args):
+            self.states.setdefault(j, args[0])
+        return hook
+
+    def take(self):
+        states, self.states = self.states, {}
+        return [states[j] for j in sorted(states)]
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def teacher_states(teacher, ids, mask, n_layers):
+    """(logits, [h[0], ..., h[L-1]]): the teacher's logits and the inputs of its L layers.
+
+    Hugging Face models: `output_hidden_states` (entry j < L is layer j's input); revkernels GPTs with
+    a ResidualStack body: forward pre-hooks on its blocks. Other teachers: ValueError."""
+    if hasattr(teacher, "config") and hasattr(teacher.config, "output_hidden_states"):
+        kwargs = {"attention_mask": mask} if mask is not None else {}
+        out = teacher(ids, output_hidden_states=True, **kwargs)
+        states = list(out.hidden_states[:n_layers])
+        return out.logits, states
+    body = getattr(teacher, "body", None)
+    blocks = getattr(body, "blocks", None)
+    if blocks is None or len(blocks) != n_layers:
+        raise ValueError(f"objective='state' needs the teacher's per-layer inputs: {type(teacher).__name__} is "
+                         "neither a Hugging Face model nor a revkernels GPT with a residual body of "
+                         f"{n_layers} blocks; use objective='kl'")
+    states = {}
+    handles = [b.register_forward_pre_hook(lambda m, args, j=j: states.setdefault(j, args[0]))
+               for j, b in enumerate(blocks)]
+    try:
+        logits = model_logits(teacher, ids, mask)
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, [states[j] for j in range(n_layers)]
+
+
+def state_loss(student_states, teacher_states, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean over layers j >= 1 of the relative squared error sum (p[j] - h[j])^2 / sum h[j]^2 (fp32;
+    layer 0's input is the embedding in both models); mask (B, T) restricts the sums to its tokens."""
+    terms = []
+    for p, h in list(zip(student_states, teacher_states))[1:]:
+        err, ref = (p.float() - h.float()).pow(2).sum(-1), h.float().pow(2).sum(-1)
+        if mask is not None:
+            err, ref = err * mask, ref * mask
+        terms.append(err.sum() / ref.sum().clamp_min(1e-30))
+    if not terms:
+        return torch.zeros((), device=teacher_states[0].device)
+    return torch.stack(terms).mean()
+
+
 def align(student: nn.Module, teacher: nn.Module, batches: Iterable, steps: Optional[int] = None,
-          lr: float = 3e-5, *, optimizer: Optional[torch.optim.Optimizer] = None, weight_decay: float = 0.0,
+          lr: float = 1e-4, *, objective: str = "state", state_weight: float = 1.0,
+          optimizer: Optional[torch.optim.Optimizer] = None, weight_decay: float = 0.0,
           grad_clip: Optional[float] = 1.0, reverse: bool = False, device=None, progress: bool = True,
           log_every: int = 1, log_path: Optional[str] = None) -> List[dict]:
-    """Fine-tune `student` to match the frozen `teacher` with the retrofit KL (eq. 4.6).
+    """Fine-tune `student` to match the frozen `teacher`.
+
+    objective='state' (the default, the faster one): layer-wise state matching plus eq. 4.6,
+
+        loss = KL(teacher || student) + state_weight * mean_{j>=1} |p[j] - h[j]|^2 / |h[j]|^2,
+
+    where p[j] is the student's state entering update j and h[j] the teacher's hidden state entering
+    layer j (see `teacher_states`): every layer gets a direct target instead of only the final
+    logits. The student states are read by forward pre-hooks, so the stack runs with `reversible`
+    switched off while aligning (restored afterwards): this objective stores activations like
+    ordinary training. objective='kl': eq. 4.6 alone, through the student's own (reversible)
+    backward. The returned log's 'kl' is the KL term in both cases.
 
     batches: an iterable of token-id tensors (B, T), (ids, attention_mask) pairs or dicts with
     'input_ids' (and 'attention_mask'); it is cycled when `steps` exceeds its length (steps=None: one
     pass). The teacher runs under no_grad; the student's parameters that require grad are trained with
     AdamW(lr, weight_decay) unless `optimizer` is given. Train/eval modes are left as the caller set them
     (eval disables dropout, the usual choice for alignment). Returns the log, one dict per logged step
-    {'step', 'kl', 'grad_norm'}; `log_path` also writes it as JSON lines; `progress` shows a tqdm bar.
+    {'step', 'kl', 'loss', 'grad_norm', 'seconds'}; `log_path` also writes it as JSON lines; `progress`
+    shows a tqdm bar.
     """
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be a positive int or None, got {steps!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise ValueError("student has no parameter that requires grad")
-    if optimizer is None:
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if steps is None:
         try:
             steps = len(batches)
@@ -99,11 +180,20 @@ def align(student: nn.Module, teacher: nn.Module, batches: Iterable, steps: Opti
         source = iter(batches)
     else:
         source = itertools.cycle(batches) if isinstance(batches, (list, tuple)) else iter(batches)
+    stack = recorder = None
+    if objective == "state":
+        from .core import retrofit_stack
+        stack = retrofit_stack(student)
+        was_reversible, stack.reversible = stack.reversible, False
+        recorder = _StudentStates(stack)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=steps, desc="align", unit="step")
     log, sink = [], open(log_path, "w") if log_path else None
+    t0 = time.perf_counter()
     try:
         for step in range(1, steps + 1):
             try:
@@ -113,20 +203,28 @@ def align(student: nn.Module, teacher: nn.Module, batches: Iterable, steps: Opti
             if device is not None:
                 ids = ids.to(device)
                 mask = mask.to(device) if mask is not None else None
+            bmask = None if mask is None else mask.bool()
             with torch.no_grad():
-                t_logits = model_logits(teacher, ids, mask)
-            loss = retrofit_kl(model_logits(student, ids, mask), t_logits, reverse,
-                               None if mask is None else mask.bool())
+                if recorder is None:
+                    t_logits = model_logits(teacher, ids, mask)
+                else:
+                    t_logits, t_states = teacher_states(teacher, ids, mask, len(stack.updates))
+            kl_loss = retrofit_kl(model_logits(student, ids, mask), t_logits, reverse, bmask)
+            loss = kl_loss
+            if recorder is not None:
+                loss = loss + state_weight * state_loss(recorder.take(), t_states,
+                                                        None if mask is None else mask.float())
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"KL is {float(loss)} at step {step}")
+                raise FloatingPointError(f"the alignment loss is {float(loss)} at step {step}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = (torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip
                      else torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None)))
             optimizer.step()
-            kl = loss.item()
+            kl = kl_loss.item()
             if step % log_every == 0 or step == steps:
-                rec = {"step": step, "kl": kl, "grad_norm": float(gnorm)}
+                rec = {"step": step, "kl": kl, "loss": loss.item(), "grad_norm": float(gnorm),
+                       "seconds": time.perf_counter() - t0}
                 log.append(rec)
                 if sink:
                     sink.write(json.dumps(rec) + "\n")
@@ -135,6 +233,9 @@ def align(student: nn.Module, teacher: nn.Module, batches: Iterable, steps: Opti
                 bar.update(1)
                 bar.set_postfix(kl=f"{kl:.4g}")
     finally:
+        if recorder is not None:
+            recorder.remove()
+            stack.reversible = was_reversible
         if bar is not None:
             bar.close()
         if sink:
