@@ -10,6 +10,8 @@ from revkernels.bench.text import stdlib_docstrings, token_windows
 from revkernels.retrofit import align, evaluate_kl, retrofit_stack
 from revkernels.retrofit.calibrate import _layer_curve, calibrate_a, greedy_order
 
+pytestmark = pytest.mark.usefixtures("fallback_ops")   # conftest: the model is the subject, not the kernels
+
 
 @pytest.fixture(scope="module")
 def text():

@@ -15,14 +15,11 @@ from revkernels.retrofit import retrofit
 VOCAB, SEQ_LEN = 64, 16
 # every arch, exact mode of both reversible families, and today's retrofit (eq. 4.5: f_{j-1} is called
 # iterations + 1 more times inside F_j, so a layer's attention runs up to three times per forward)
-BODIES = ARCHS + ("midpoint-exact", "hamiltonian-exact", "retrofit-it1", "retrofit-it2", "retrofit-exact")
+BODIES = ARCHS + ("midpoint-exact", "hamiltonian-exact", "midpoint-stored", "hamiltonian-stored", "retrofit-compact",
+                  "retrofit-it1", "retrofit-it2", "retrofit-exact")
 
 
-@pytest.fixture(autouse=True)
-def _fused_ops_in_pytorch(monkeypatch):
-    """The cache is under test here, not the fused kernels (tests/test_ops.py): CPU tensors take
-    revkernels.fallback instead of Triton's interpreter (conftest's FALLBACK path), ~10x faster."""
-    monkeypatch.setattr(ops, "INTERPRET", False)
+pytestmark = pytest.mark.usefixtures("fallback_ops")   # conftest: the cache is the subject, not the kernels
 
 
 def model_of(body, device="cpu", **kw):
@@ -31,6 +28,8 @@ def model_of(body, device="cpu", **kw):
         arch = "baseline"
     cfg = dict(vocab_size=VOCAB, seq_len=SEQ_LEN, d_model=32, n_heads=4, n_layers=3, arch=arch,
                exact=variant == "exact" and body != "retrofit-exact")
+    if variant == "stored":
+        cfg.update(stored_layers=1, store_policy="matmuls")
     cfg.update(kw)
     model = rk.GPT(rk.GPTConfig(**cfg))
     with torch.no_grad():
@@ -38,7 +37,11 @@ def model_of(body, device="cpu", **kw):
             if p.dim() == 2:
                 p.mul_(10)
     if body.startswith("retrofit"):
-        model = retrofit(model, a=0.5, iterations=2 if variant == "it2" else 1, exact=variant == "exact")
+        if variant == "compact":
+            model = retrofit(model, a=0.5, form="compact", exact=False)
+        else:
+            model = retrofit(model, a=0.5, form="eq4.5", iterations=2 if variant == "it2" else 1,
+                             exact=variant == "exact")
     return model.to(device).eval()
 
 

@@ -56,13 +56,7 @@ FAMILIES = {
 MIXED = ("qwen2", "qwen3", "gemma2", "gemma3")
 
 
-@pytest.fixture(autouse=True)
-def _fallback_ops(monkeypatch):
-    """The fused ops on the CPU through revkernels.fallback (the bit-identical PyTorch formulas) instead
-    of Triton's interpreter, which test_exact.py / test_ops.py cover: here the adapter is the point, and
-    the fallback halves this file's time (measured 10.5 s vs 17.1 s CPU on 11 of its tests)."""
-    from revkernels import ops
-    monkeypatch.setattr(ops, "INTERPRET", False)
+pytestmark = pytest.mark.usefixtures("fallback_ops")   # conftest: the model is the subject, not the kernels
 
 
 def teacher(family):

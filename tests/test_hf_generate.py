@@ -152,12 +152,6 @@ def test_loop_that_changes_the_state_between_layers_is_refused():
 PROMPT = "The GNU General Public License is"
 
 
-@pytest.fixture
-def fallback_ops(monkeypatch):
-    """The fused ops on the CPU through revkernels.fallback (the bit-identical PyTorch formulas) instead of
-    Triton's interpreter (test_exact.py / test_ops.py cover it; here it would take minutes on 30 layers)."""
-    from revkernels import ops
-    monkeypatch.setattr(ops, "INTERPRET", False)
 
 
 @pytest.mark.usefixtures("fallback_ops")

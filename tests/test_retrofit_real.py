@@ -17,12 +17,7 @@ TEXT = ("The committee met on Tuesday to review the annual budget. After a long 
 D, L = 576, 30
 
 
-@pytest.fixture(autouse=True)
-def _fallback_ops(monkeypatch):
-    """The fused ops on the CPU through revkernels.fallback (the bit-identical PyTorch formulas) instead
-    of Triton's interpreter, which test_exact.py / test_ops.py cover: here the real model is the point."""
-    from revkernels import ops
-    monkeypatch.setattr(ops, "INTERPRET", False)
+pytestmark = pytest.mark.usefixtures("fallback_ops")   # conftest: the model is the subject, not the kernels
 
 
 @pytest.fixture(scope="module")
