@@ -1,15 +1,14 @@
-"""a="auto": per-layer dyadic a_j = s_j 2^-k_j (s_j = +-1) with the fewest side bits that meet a KL target.
+"""a="auto": per-layer dyadic a_j = 2^-k_j with the fewest side bits that meet a KL target.
 
-Exact mode stores k_j bits per element per layer of side information for a_j = +-2^-k_j (a_j = +-1 costs
+Exact mode stores k_j bits per element per layer of side information for a_j = 2^-k_j (a_j = 1 costs
 nothing), and the student converges to its teacher like a^2. Given calibration token ids, choose k_j in
 0..max_k to minimise the mean side bits (1/L) sum_j k_j subject to
 
     KL(teacher || student) <= target_kl        (mean over the calibration tokens, eq. 4.6)
 
 1. Teacher log-probabilities once.
-2. Per-layer sensitivity: the KL with only layer j at a_j = s 2^-k (k in probe_k, both signs s; the
-   layer keeps the sign that perturbs less), every other layer at the finest a = 2^-max_k, minus the KL
-   with every layer at 2^-max_k. Between probes log KL_j(k) is
+2. Per-layer sensitivity: the KL with only layer j at a_j = 2^-k (k in probe_k), every other layer at
+   the finest a = 2^-max_k, minus the KL with every layer at 2^-max_k. Between probes log KL_j(k) is
    interpolated linearly in k; past the last probe it falls like a^2 (x 1/4 per bit), and before the
    first it rises at least like a^2.
 3. The additive model KL ~ sum_j KL_j(k_j) orders one-bit increments greedily (the largest predicted
@@ -67,30 +66,19 @@ class _KLProbe:
         return total / len(self.batches)
 
 
-def layer_sensitivity(probe: _KLProbe, n_layers: int, probe_k: Sequence[int], max_k: int,
-                      signs: Sequence[int] = (-1, 1)) -> dict:
-    """Per layer j, the sign s_j in `signs` whose probes perturb the KL least, and {k: [KL_j(s_j 2^-k)]}
-    for k in probe_k, baseline (all layers at 2^-max_k) removed: {'baseline', 'kl', 'sign'}.
-
-    The sign matters beyond the leading a^2 term: on SmolLM2, uniform a = -2^-k gave KL 0.18 / 0.052 /
-    0.014 at k = 2 / 3 / 4 against 0.45 / 0.081 / 0.018 for +2^-k (the compact step's error
-    -a_j f_{j-1} then adds a fraction of the previous update instead of removing it)."""
+def layer_sensitivity(probe: _KLProbe, n_layers: int, probe_k: Sequence[int], max_k: int) -> dict:
+    """{k: [KL_j(k) for each layer j]} for k in probe_k, baseline (all layers at 2^-max_k) removed."""
     fine = [2.0 ** -max_k] * n_layers
     base = probe(fine)
-    per_sign = {}
-    for sign in signs:
-        table = {}
-        for k in probe_k:
-            row = []
-            for j in range(n_layers):
-                a = list(fine)
-                a[j] = sign * 2.0 ** -k
-                row.append(max(probe(a) - base, 0.0))
-            table[k] = row
-        per_sign[sign] = table
-    chosen = [min(signs, key=lambda sg: (sum(per_sign[sg][k][j] for k in probe_k), -sg)) for j in range(n_layers)]
-    table = {k: [per_sign[chosen[j]][k][j] for j in range(n_layers)] for k in probe_k}
-    return {"baseline": base, "kl": table, "sign": chosen}
+    table = {}
+    for k in probe_k:
+        row = []
+        for j in range(n_layers):
+            a = list(fine)
+            a[j] = 2.0 ** -k
+            row.append(max(probe(a) - base, 0.0))
+        table[k] = row
+    return {"baseline": base, "kl": table}
 
 
 def _layer_curve(points: dict, max_k: int) -> list:
@@ -138,19 +126,17 @@ def _prefix_k(order, n, n_layers):
 
 def calibrate_a(student, teacher, batches, target_kl: float = 0.01, *, probe_k: Sequence[int] = (1, 3),
                 max_k: int = 8, sensitivity: Optional[dict] = None, max_evals: int = 12) -> dict:
-    """Choose a_j = s_j 2^-k_j per layer (fewest mean side bits with KL <= target_kl on `batches`; the sign
-    s_j = +-1 from the sensitivity probes, see `layer_sensitivity`) and set it.
+    """Choose a_j = 2^-k_j per layer (fewest mean side bits with KL <= target_kl on `batches`) and set it.
 
     student: a retrofitted model (its RetrofitStack gets `set_a`); teacher: the residual model it was
     retrofitted from; batches: (B, T) token ids or a list of such tensors (the calibration data).
-    probe_k: the k at which each layer's sensitivity is measured, with both signs (2 len(probe_k) L + 1
-    forwards);
+    probe_k: the k at which each layer's sensitivity is measured (len(probe_k) * L + 1 forwards);
     `sensitivity` (the 'sensitivity' entry of an earlier result on the same student, teacher and
     batches) skips those forwards. max_evals: verification forwards at most.
 
     Returns {'a': per-layer list, 'k': per-layer bits, 'mean_bits', 'kl' (measured on `batches` with
     the chosen a), 'target_kl', 'met' (False, with a warning, when even k_j = max_k everywhere misses
-    the target: a is then +-2^-max_k everywhere), 'evals' (forwards), 'sensitivity'}.
+    the target: a is then 2^-max_k everywhere), 'evals' (forwards), 'sensitivity'}.
     """
     if isinstance(target_kl, bool) or not isinstance(target_kl, (int, float)) or not (
             math.isfinite(target_kl) and target_kl > 0):
@@ -172,7 +158,6 @@ def calibrate_a(student, teacher, batches, target_kl: float = 0.01, *, probe_k: 
             sensitivity = layer_sensitivity(probe, n_layers, probe_k, max_k)
         curves = [_layer_curve({k: sensitivity["kl"][k][j] for k in sensitivity["kl"]}, max_k)
                   for j in range(n_layers)]
-        signs = sensitivity.get("sign", [1] * n_layers)
         order = greedy_order(curves, max_k)
         predicted = [sum(c[0] for c in curves)]
         for j, kk in zip(order, _running_k(order, n_layers)):
@@ -187,7 +172,7 @@ def calibrate_a(student, teacher, batches, target_kl: float = 0.01, *, probe_k: 
 
         def kl_at(n):
             if n not in measured:
-                measured[n] = probe([sg * 2.0 ** -k for sg, k in zip(signs, _prefix_k(order, n, n_layers))])
+                measured[n] = probe([2.0 ** -k for k in _prefix_k(order, n, n_layers)])
             return measured[n]
 
         n_top, step = len(order), max(1, n_layers // 2)      # step: half a mean bit
@@ -212,7 +197,7 @@ def calibrate_a(student, teacher, batches, target_kl: float = 0.01, *, probe_k: 
         kl = kl_at(n)
         met = kl <= target_kl
         k = _prefix_k(order, n, n_layers)
-        a = [sg * 2.0 ** -kk for sg, kk in zip(signs, k)]
+        a = [2.0 ** -kk for kk in k]
         if not met:
             warnings.warn(f"a='auto': target_kl={target_kl} is not met even with a = 2^-{max_k} in every "
                           f"layer (KL {kl:.3g} on the calibration data); a = 2^-{max_k} everywhere is used",
