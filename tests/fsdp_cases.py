@@ -22,6 +22,9 @@ EXACT_ARCHS = ("midpoint-exact", "hamiltonian-exact")
 # Hybrids: the last two layers keep their graph (built in the forward with FSDP2's unsharded
 # parameters), the first is recomputed keeping its matmul/attention outputs.
 HYBRID_ARCHS = ("midpoint-stored", "hamiltonian-stored")
+# Retrofitted Hugging Face Llamas (default exact mode, a = 2^-2): their layers stay in place and are the
+# blocks the recipe shards (model.model.layers); eq4.5 calls each f_(j-1) in two blocks.
+HF_ARCHS = ("hf-compact", "hf-eq4.5")
 LR = 0.1
 
 
@@ -39,6 +42,14 @@ def build(arch, n_layers=None):
     if arch == "retrofit":
         return rk.retrofit(rk.GPT(rk.GPTConfig(arch="baseline", **cfg)), a=0.5, iterations=1, form="eq4.5",
                            exact=False)     # f_(j-1) serves two blocks: the case FSDP2 must re-arm
+    if arch in HF_ARCHS:
+        from transformers import LlamaConfig, LlamaForCausalLM
+        teacher = LlamaForCausalLM(LlamaConfig(
+            vocab_size=cfg["vocab_size"], hidden_size=cfg["d_model"], intermediate_size=2 * cfg["d_model"],
+            num_hidden_layers=cfg["n_layers"], num_attention_heads=cfg["n_heads"], num_key_value_heads=1,
+            max_position_embeddings=cfg["seq_len"], initializer_range=0.2))
+        form = arch.removeprefix("hf-")
+        return rk.retrofit(teacher, a=2 ** -2, form=form, iterations=1 if form == "eq4.5" else 0)
     if arch.endswith("-exact"):
         return rk.GPT(rk.GPTConfig(arch=arch.removesuffix("-exact"), exact=True, **cfg))
     if arch.endswith("-stored"):
@@ -49,6 +60,8 @@ def build(arch, n_layers=None):
 def shardable_blocks(model):
     """The modules the per-block recipe shards: each block of the stack (both streams for Hamiltonian,
     the residual updates f_j of a retrofit)."""
+    if not _is_gpt(model):
+        return list(model.model.layers)              # a Hugging Face student: its layers, in place
     body = model.body
     if isinstance(body, rk.HamiltonianStack):
         return [*body.attn_blocks, *body.mlp_blocks]
@@ -87,11 +100,22 @@ def train_two_steps(model, rank, world, micro_batches=1):
             if hasattr(model, "set_requires_gradient_sync"):
                 model.set_requires_gradient_sync(m == micro_batches - 1)
             sel = list(rows)[m * per_micro:(m + 1) * per_micro]
-            loss = model(idx[sel], targets[sel])[1] / micro_batches
+            loss = _loss(model, idx[sel], targets[sel]) / micro_batches
             loss.backward()
         grads.append(full_grads(model))
         opt.step()
     return grads
+
+
+def _is_gpt(model):
+    """A revkernels GPT, possibly inside a wrapper (FSDP1, torch.compile) that forwards attributes."""
+    return hasattr(model, "cfg")
+
+
+def _loss(model, idx, targets):
+    if _is_gpt(model):
+        return model(idx, targets)[1]
+    return model(idx, labels=targets).loss
 
 
 def fsdp2(model, reshard, mp=None):
@@ -115,6 +139,8 @@ def run_cases(rank, world):
     for arch in HYBRID_ARCHS:
         for reshard in (True, False):
             results[f"{arch}-reshard{reshard}"] = train_two_steps(fsdp2(build(arch), reshard), rank, world)
+    for arch in HF_ARCHS:
+        results[f"{arch}-reshardTrue"] = train_two_steps(fsdp2(build(arch), True), rank, world)
     results["midpoint-accumulate"] = train_two_steps(fsdp2(build("midpoint"), True), rank, world, 2)
     results["hamiltonian-accumulate"] = train_two_steps(fsdp2(build("hamiltonian"), True), rank, world, 2)
     results["retrofit-accumulate"] = train_two_steps(fsdp2(build("retrofit"), True), rank, world, 2)

@@ -57,6 +57,11 @@ def test_per_block_fsdp2_matches_one_process(distributed, arch, reshard):
     assert_matches(distributed[f"{arch}-reshard{reshard}"], single_process(arch))
 
 
+@pytest.mark.parametrize("arch", cases.HF_ARCHS)
+def test_per_layer_fsdp2_of_a_retrofitted_hf_model_matches_one_process(distributed, arch):
+    assert_matches(distributed[f"{arch}-reshardTrue"], single_process(arch))
+
+
 @pytest.mark.parametrize("arch", cases.EXACT_ARCHS)
 def test_per_block_fsdp2_exact_mode_matches_one_process(distributed, arch):
     # Exact mode's backward takes the same vjp path (the leaves the recompute used).
