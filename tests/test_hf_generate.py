@@ -139,11 +139,25 @@ class _ScalingLlama(tr.LlamaModel):
         return h
 
 
-def test_loop_that_changes_the_state_between_layers_is_refused():
+class _InPlaceScalingLlama(_ScalingLlama):
+    """The same, rescaling in place: the state the recorders see is the same tensor object."""
+
+    def forward(self, input_ids, **kwargs):
+        h = self.embed_tokens(input_ids)
+        pos = torch.arange(h.shape[1])[None]
+        rot = self.rotary_emb(h, position_ids=pos)
+        for layer in self.layers:
+            h = layer(h, position_embeddings=rot, position_ids=pos)
+            h.mul_(0.5)
+        return h
+
+
+@pytest.mark.parametrize("decoder", [_ScalingLlama, _InPlaceScalingLlama])
+def test_loop_that_changes_the_state_between_layers_is_refused(decoder):
     torch.manual_seed(0)
-    m = _ScalingLlama(llama().config)
+    m = decoder(llama().config)
     s = hf.retrofit_hf(m, a=2 ** -2)
-    with pytest.raises(TypeError, match="changes the hidden state between layers"):
+    with torch.no_grad(), pytest.raises(TypeError, match="changes the hidden state between layers"):
         s(ids())
 
 

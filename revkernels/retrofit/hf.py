@@ -184,7 +184,7 @@ class _LoopRun:
     def __init__(self, decoder, stack):
         self.decoder, self.stack = decoder, stack
         self.layers = [u.layer for u in stack.updates]
-        self.calls, self.x, self.done = [], None, False
+        self.calls, self.x, self.x_version, self.done = [], None, None, False
 
     def recorders(self):
         return [_Recorder(self, j, layer) for j, layer in enumerate(self.layers)]
@@ -195,8 +195,8 @@ class _LoopRun:
             raise TypeError(f"{type(self.decoder).__name__} called layer {j} after {len(self.calls)} layer calls: "
                             "only a loop calling every layer once, in order, can be retrofitted")
         if j == 0:
-            self.x = hidden_states
-        elif hidden_states is not self.x:
+            self.x, self.x_version = hidden_states, hidden_states._version
+        elif hidden_states is not self.x or hidden_states._version != self.x_version:
             raise TypeError(f"{type(self.decoder).__name__} changes the hidden state between layers {j - 1} and {j}: "
                             "only a plain residual loop h = layer(h, ...) can be retrofitted")
         self.calls.append(bind_call(inspect.signature(self.layers[j].forward), hidden_states, args, kwargs))
