@@ -15,6 +15,7 @@ import types
 from . import api
 from .align import align, evaluate_kl, model_logits, retrofit_kl
 from .api import retrofit, unretrofit
+from .correction import fit_correction
 from .core import (RetrofitBlock, RetrofitStack, block_call_slot, block_calls, find_retrofit_stack,
                    retrofit_stack)
 from .hf_checkpoint import from_pretrained

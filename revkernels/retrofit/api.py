@@ -1,6 +1,7 @@
 """`retrofit(model, ...)` and `unretrofit(model)`: dispatch to the model adapters (gpt.py for revkernels
-GPT, hf.py for transformers models; hf_checkpoint.py installs save_pretrained on HF students), and to
-calibrate.py for a="auto". The arrows point down: api -> {gpt, hf_checkpoint -> hf} -> core.
+GPT, hf.py for transformers models; hf_checkpoint.py installs save_pretrained on HF students), to
+correction.py for form="linear" and to calibrate.py for a="auto". The arrows point down:
+api -> {gpt, hf_checkpoint -> hf, correction, calibrate} -> core.
 """
 from typing import Sequence, Union
 
@@ -29,8 +30,10 @@ def retrofit(model: nn.Module, a: Union[ACoef, str] = DEFAULT_A, iterations: int
     a: a float, per-layer values (L,) or (L, d) (0 refused), or "auto": per-layer dyadic a_j chosen from
     `calibration` ((B, T) token ids or a list of such batches) for the fewest side bits with KL(teacher ||
     student) <= target_kl on it (implies exact=True). form: "compact" (F_j = f_j, one block call per
-    layer; the default) or "eq4.5" (F_j = f_j + a_j f_{j-1}(p_hat), `iterations` guarded fixed-point
-    steps). exact: bit-exact reversible backward (a dyadic, a = m/2^k costs k side bits per element per
+    layer; the default), "linear" (F_j = f_j + a_j g_j, g_j(p) = W_j p + b_j fitted by ridge regression
+    on `calibration`'s teacher states, correction.py: about one side bit fewer for the same KL on SmolLM2,
+    for a d x d matmul per layer) or "eq4.5" (F_j = f_j + a_j f_{j-1}(p_hat), `iterations` guarded
+    fixed-point steps). exact: bit-exact reversible backward (a dyadic, a = m/2^k costs k side bits per element per
     layer); exact=False is refused where its gradients cannot be trusted (prod_j max(1, 1/|a_j|) > 1e3).
     max_reconstruction_error: raise in the backward beyond it (see `ReversibleStack`).
     """
@@ -48,8 +51,11 @@ def retrofit(model: nn.Module, a: Union[ACoef, str] = DEFAULT_A, iterations: int
         if not exact:
             raise ValueError("a='auto' chooses dyadic a_j for exact mode: pass exact=True")
         a = DEFAULT_A
-    elif calibration is not None:
-        raise ValueError("calibration is only used with a='auto'; pass a='auto' or drop calibration")
+    elif form == "linear" and calibration is None:
+        raise ValueError("form='linear' fits its corrections g_j to the teacher's states on calibration=(B, T) "
+                         "token ids (or a list of such batches; a few thousand tokens)")
+    elif calibration is not None and form != "linear":
+        raise ValueError("calibration is only used with a='auto' or form='linear'; pass one or drop calibration")
     kwargs = dict(a=a, iterations=iterations, form=form, exact=exact, state_dtype=state_dtype,
                   max_reconstruction_error=max_reconstruction_error)
     if gpt.is_gpt(model):
@@ -60,10 +66,13 @@ def retrofit(model: nn.Module, a: Union[ACoef, str] = DEFAULT_A, iterations: int
     else:
         raise TypeError(f"retrofit does not support {type(model).__module__}.{type(model).__name__}: "
                         f"supported are {', '.join(SUPPORTED)}")
+    batches = calibration if isinstance(calibration, (list, tuple)) else [calibration]
+    if form == "linear":
+        from .correction import fit_correction
+        fit_correction(student, batches)
     if auto:
         from .calibrate import calibrate_a
-        calibrate_a(student, model, calibration if isinstance(calibration, (list, tuple)) else [calibration],
-                    target_kl)
+        calibrate_a(student, model, batches, target_kl)
     return student
 
 

@@ -11,6 +11,11 @@ with c = 1 under `ReversibleStack`'s reversible backward; they differ in F_j:
 - form="compact":  F_j = f_j. One block call per layer (the teacher's compute). Its step differs from the
   residual step p[j] + f_j(p[j]) by a_j (p[j-1] - p[j]) (on the teacher's states: -a_j f_{j-1}(p[j-1])),
   so it converges to the residual teacher as a -> 0 (the logits' KL falls like a^2).
+- form="linear":   F_j(p) = f_j(p) + a_j g_j(p), F_0 = f_0, with g_j(p) = W_j p + b_j a linear surrogate of the
+  previous update f_{j-1}(p[j-1]) = p[j] - p[j-1] as a function of p[j], fitted to the teacher's states by
+  ridge regression (correction.py). Then F_j(p[j]) - (f_j(p[j]) + a_j f_{j-1}(p[j-1])) = a_j (g_j(p[j]) -
+  (p[j] - p[j-1])): its step is eq. 4.3's up to a_j times the fit's residual, one block call per layer plus
+  a d x d matmul. g_j starts at 0 (the compact form) until fitted; W_j, b_j are trainable parameters.
 - form="eq4.5":    F_j(p) = f_j(p) + a_j f_{j-1}(p_hat(p)), F_0 = f_0 (the paper's eq. 4.5), with p_hat
   the fixed-point estimate of p[j-1] = p[j] - f_{j-1}(p[j-1]) started at p_hat_0 = p (eq. 4.7):
 
@@ -22,11 +27,12 @@ with c = 1 under `ReversibleStack`'s reversible backward; they differ in F_j:
   (torch.where, no host sync), so the number of block calls and their cache slots are fixed.
 
 Block-call slots (the index of each block call within one forward; a KV cache keeps one entry per slot):
-compact: layer j -> slot j. eq4.5: f_j(p) inside F_j -> slot j; the i-th call of f_{j-1} inside F_j
+compact and linear: layer j -> slot j. eq4.5: f_j(p) inside F_j -> slot j; the i-th call of f_{j-1} inside F_j
 (i = 0..iterations, j >= 1) -> slot L + (j-1)(iterations+1) + i.
 
 This file imports nothing from the model adapters (gpt.py, hf.py) or the checkpoint I/O above them.
 """
+import contextlib
 from typing import Optional, Sequence, Union
 
 import torch
@@ -36,7 +42,7 @@ from ..fixed_point import dyadic_parts
 from ..layers import ReversibleStack, per_layer_a
 
 ACoef = Union[float, Sequence[float], torch.Tensor]
-FORMS = ("compact", "eq4.5")
+FORMS = ("compact", "eq4.5", "linear")
 MAX_FLOAT_AMPLIFICATION = 1e3     # beyond it float mode's gradients are untrustworthy (layers.py warns there too)
 
 
@@ -45,15 +51,15 @@ def check_form(form, iterations):
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
-    if form == "compact" and iterations != 0:
-        raise ValueError(f"iterations={iterations} with form='compact': the compact form F_j = f_j has no "
-                         "fixed-point estimate; pass iterations=0, or form='eq4.5' to iterate")
+    if form != "eq4.5" and iterations != 0:
+        raise ValueError(f"iterations={iterations} with form={form!r}: only eq4.5 has a fixed-point estimate "
+                         "to iterate; pass iterations=0, or form='eq4.5'")
 
 
 def block_calls(n_layers: int, iterations: int = 0, form: str = "compact") -> int:
-    """Block calls (= cache slots) in one forward: compact L; eq4.5 L + (L-1)(iterations+1)."""
+    """Block calls (= cache slots) in one forward: compact and linear L; eq4.5 L + (L-1)(iterations+1)."""
     check_form(form, iterations)
-    return n_layers if form == "compact" else n_layers + (n_layers - 1) * (iterations + 1)
+    return n_layers if form != "eq4.5" else n_layers + (n_layers - 1) * (iterations + 1)
 
 
 def block_call_slot(n_layers: int, iterations: int, form: str, layer: int, i: Optional[int] = None) -> int:
@@ -64,7 +70,7 @@ def block_call_slot(n_layers: int, iterations: int, form: str, layer: int, i: Op
         raise ValueError(f"layer {layer} out of range for {n_layers} layers")
     if i is None:
         return layer
-    if form == "compact" or layer == 0 or not 0 <= i <= iterations:
+    if form != "eq4.5" or layer == 0 or not 0 <= i <= iterations:
         raise ValueError(f"no call i={i} of f_(j-1) inside F_{layer} (form={form!r}, iterations={iterations})")
     return n_layers + (layer - 1) * (iterations + 1) + i
 
@@ -82,8 +88,9 @@ def token_residual(p, q, fq):
 
 
 class RetrofitBlock(nn.Module):
-    """F_j of one forward call. Compact (f_prev None): F_j(p) = f_j(p). Eq. 4.5: F_j(p) = f_j(p) +
-    a_j f_{j-1}(p_hat(p)) with the guarded fixed-point estimate of the module docstring.
+    """F_j of one forward call. Compact (f_prev and correction None): F_j(p) = f_j(p). Linear (correction
+    g_j): F_j(p) = f_j(p) + a_j g_j(p). Eq. 4.5: F_j(p) = f_j(p) + a_j f_{j-1}(p_hat(p)) with the guarded
+    fixed-point estimate of the module docstring.
 
     f, f_prev: residual updates; context / context_prev: their per-call contexts; slot / prev_slots:
     their block-call slots (prev_slots: iterations + 1 of them). residuals: a dict whose entry [slot]
@@ -93,17 +100,23 @@ class RetrofitBlock(nn.Module):
 
     def __init__(self, f: nn.Module, f_prev: Optional[nn.Module] = None, a: Union[float, torch.Tensor] = 1.0,
                  iterations: int = 0, context=None, *, context_prev=None, slot: int = 0,
-                 prev_slots: Sequence[int] = (), residuals: Optional[dict] = None):
+                 prev_slots: Sequence[int] = (), residuals: Optional[dict] = None,
+                 correction: Optional[nn.Module] = None):
         super().__init__()
+        if f_prev is not None and correction is not None:
+            raise ValueError("a block has either eq4.5's f_prev or the linear form's correction, not both")
         if f_prev is not None and len(prev_slots) != iterations + 1:
             raise ValueError(f"prev_slots needs iterations + 1 = {iterations + 1} slots, got {len(prev_slots)}")
         self.f, self.f_prev = f, f_prev
         self.a, self.iterations = a, iterations
         self.context, self.context_prev = context, context_prev
         self.slot, self.prev_slots, self.residuals = slot, list(prev_slots), residuals
+        self.correction = correction
 
     def forward(self, p):
         out = call_update(self.f, p, self.context, self.slot)
+        if self.correction is not None:
+            return out + self.a * self.correction(p)
         if self.f_prev is None:
             return out
         return out + self.a * self.estimate_update(p)
@@ -130,7 +143,8 @@ class RetrofitBlock(nn.Module):
         return fq
 
     def extra_repr(self):
-        return f"iterations={self.iterations}, first={self.f_prev is None}, slot={self.slot}"
+        return (f"iterations={self.iterations}, first={self.f_prev is None}, slot={self.slot}, "
+                f"correction={self.correction is not None}")
 
 
 def _amplification(a):
@@ -171,12 +185,16 @@ class RetrofitStack(nn.Module):
     with `takes_context = True` is called as f(p, context_j, slot) (slots: `block_call_slot`), others as
     f(p). Every forward makes every block call.
     `reversible = False` runs the same forward with ordinary autograd (the reference).
+
+    form="linear" needs `width` (d): `corrections[j - 1]` is g_j, an nn.Linear(d, d) initialised to 0 (so
+    the stack starts as the compact form) on the updates' device and dtype; correction.fit_correction
+    fits them.
     """
 
     def __init__(self, updates: Sequence[nn.Module], a: ACoef = 2 ** -4, iterations: int = 0, *,
                  form: str = "compact", state_dtype: torch.dtype = torch.float32,
                  preserve_rng_state: Union[bool, str] = "auto", exact: bool = True,
-                 max_reconstruction_error: Optional[float] = None):
+                 max_reconstruction_error: Optional[float] = None, width: Optional[int] = None):
         super().__init__()
         if len(updates) == 0:
             raise ValueError("updates is empty: nothing to retrofit")
@@ -184,7 +202,19 @@ class RetrofitStack(nn.Module):
         coef = per_layer_a(a, len(updates))
         check_coefficients(coef, exact)
         self.updates = nn.ModuleList(updates)
-        device = next((t.device for u in updates for t in u.parameters()), torch.device("cpu"))
+        param = next((t for u in updates for t in u.parameters()), None)
+        device = torch.device("cpu") if param is None else param.device
+        self.width = None
+        if form == "linear":
+            if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+                raise ValueError(f"form='linear' needs width=d (the state's last dimension), got {width!r}")
+            dtype = torch.float32 if param is None else param.dtype
+            self.width = width
+            self.corrections = nn.ModuleList(nn.Linear(width, width, device=device, dtype=dtype)
+                                             for _ in range(len(updates) - 1))
+            for g in self.corrections:
+                nn.init.zeros_(g.weight)
+                nn.init.zeros_(g.bias)
         # a is configuration (recorded in config.json by save_pretrained), not a weight: not in the state_dict
         self.register_buffer("a", coef.to(device), persistent=False)
         self.form, self.iterations = form, iterations
@@ -193,6 +223,7 @@ class RetrofitStack(nn.Module):
             preserve_rng_state=preserve_rng_state, max_reconstruction_error=max_reconstruction_error,
             exact=exact))
         self.last_fixed_point_residuals = {}
+        self._teacher_states = None
 
     # -------------------------------------------------- options, forwarded to the one ReversibleStack
 
@@ -258,15 +289,21 @@ class RetrofitStack(nn.Module):
 
     def config_record(self) -> dict:
         """The configuration as JSON-able values (what save_pretrained records)."""
-        return {"a": self.a.tolist(), "iterations": self.iterations, "form": self.form, "exact": self.exact,
-                "state_dtype": str(self.state_dtype).split(".")[-1]}
+        record = {"a": self.a.tolist(), "iterations": self.iterations, "form": self.form, "exact": self.exact,
+                  "state_dtype": str(self.state_dtype).split(".")[-1]}
+        if self.form == "linear":
+            record["width"] = self.width
+        return record
 
     @staticmethod
     def kwargs_from_record(record: dict) -> dict:
         """Constructor keyword arguments from `config_record()`'s dict. Records written before forms
         existed (no "form"/"exact") were eq. 4.5 in float mode."""
-        return {"a": record["a"], "iterations": int(record["iterations"]), "form": record.get("form", "eq4.5"),
-                "exact": bool(record.get("exact", False)), "state_dtype": getattr(torch, record["state_dtype"])}
+        kwargs = {"a": record["a"], "iterations": int(record["iterations"]), "form": record.get("form", "eq4.5"),
+                  "exact": bool(record.get("exact", False)), "state_dtype": getattr(torch, record["state_dtype"])}
+        if kwargs["form"] == "linear":
+            kwargs["width"] = int(record["width"])
+        return kwargs
 
     # -------------------------------------------------- forward
 
@@ -288,15 +325,41 @@ class RetrofitStack(nn.Module):
         if self.form == "compact":
             return [RetrofitBlock(f, context=ctx[j], slot=j) for j, f in enumerate(self.updates)]
         a = self.a
+        if self.form == "linear":
+            return [RetrofitBlock(f, a=a[j], context=ctx[j], slot=j, correction=self.corrections[j - 1] if j else None)
+                    for j, f in enumerate(self.updates)]
         return [RetrofitBlock(f, self.updates[j - 1] if j else None, a[j], it, ctx[j],
                               context_prev=ctx[j - 1] if j else None, slot=j,
                               prev_slots=[block_call_slot(n, it, "eq4.5", j, i) for i in range(it + 1)] if j else (),
                               residuals=residuals)
                 for j, f in enumerate(self.updates)]
 
+    @contextlib.contextmanager
+    def teacher_states(self):
+        """Within the block, every forward runs the residual teacher p[j+1] = p[j] + f_j(p[j]) (each form's
+        a -> 0 limit, ordinary autograd) and appends its states [p[0], ..., p[L-1]] (the inputs of
+        f_0..f_{L-1}, detached) to the list this yields: what correction.fit_correction regresses on."""
+        if self._teacher_states is not None:
+            raise RuntimeError("teacher_states() is already active on this stack")
+        self._teacher_states = recorded = []
+        try:
+            yield recorded
+        finally:
+            self._teacher_states = None
+
+    def _teacher_forward(self, x, context):
+        states, p, ctx = [], x, self._contexts(context)
+        for j, f in enumerate(self.updates):
+            states.append(p.detach())
+            p = p + call_update(f, p, ctx[j], j)
+        self._teacher_states.append(states)
+        return p
+
     def forward(self, x, context=None):
         if self.a.device != x.device:
             raise ValueError(f"x is on {x.device} but the stack is on {self.a.device}")
+        if self._teacher_states is not None:
+            return self._teacher_forward(x, context)
         stack = self.reversible_stack
         stack.a = self.a                          # the same tensor: exact mode's cached split stays valid
         if stack.c.device != x.device:

@@ -25,6 +25,8 @@ def retrofit_gpt(model: nn.Module, **stack_kwargs) -> nn.Module:
         raise ValueError(f"cannot retrofit a revkernels GPT with arch={arch!r}: only the residual archs "
                          "'baseline' and 'checkpoint' are retrofitted (the others are reversible already)")
     student = copy.deepcopy(model)
+    if stack_kwargs.get("form") == "linear":
+        stack_kwargs = {**stack_kwargs, "width": model.cfg.d_model}
     student.body = RetrofitStack(list(student.body.blocks), **stack_kwargs)
     student.cfg = copy.copy(model.cfg)
     student.cfg.arch = "retrofit"          # GPTConfig validates arch only when constructed

@@ -348,7 +348,8 @@ def retrofit_hf(model, a=2 ** -4, iterations=0, *, form="compact", exact=True, s
     functional_dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0
     stack = RetrofitStack([LayerUpdate(layer) for layer in layers], a, iterations, form=form, exact=exact,
                           state_dtype=state_dtype, max_reconstruction_error=max_reconstruction_error,
-                          preserve_rng_state=True if functional_dropout else "auto")
+                          preserve_rng_state=True if functional_dropout else "auto",
+                          width=_state_width(layers[0], config) if form == "linear" else None)
     decoder.add_module(STACK_NAME, stack)
     decoder.forward = functools.partial(retrofitted_forward, decoder, list_name)
     setattr(student.config, CONFIG_KEY, {**stack.config_record(), **source_record(student)})
@@ -356,6 +357,15 @@ def retrofit_hf(model, a=2 ** -4, iterations=0, *, form="compact", exact=True, s
     for entry in _CHECKPOINTING_ENTRY_POINTS:
         setattr(student, entry, functools.partial(_checkpointing_is_a_no_op, student))
     return student
+
+
+def _state_width(layer, config):
+    """d of the hidden state the layers pass on (form='linear' needs it for its d x d corrections)."""
+    for name in ("hidden_size", "n_embd", "d_model"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    raise TypeError(f"form='linear' needs the hidden size, which {type(config).__name__} does not name "
+                    "(hidden_size, n_embd or d_model)")
 
 
 def unretrofit_hf(model):

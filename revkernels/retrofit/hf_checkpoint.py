@@ -7,7 +7,11 @@ On disk a retrofitted model is its source model's checkpoint plus one config fie
   them, and its RetrofitStack holds no weights (a is configuration);
 - `config.json["revkernels_retrofit"]` = RetrofitStack.config_record() (a per layer, iterations, form,
   exact, state_dtype) plus source_class, source_use_cache and revkernels_version;
-- config.json's `use_cache` is the source's (the student runs with False in memory).
+- config.json's `use_cache` is the source's (the student runs with False in memory);
+- form="linear" only: its corrections g_j as extra weights `<decoder>.retrofit.corrections.{j-1}.weight`
+  and `.bias` (e.g. `model.retrofit.corrections.0.weight` is g_1's W), in the same weight files, so
+  Trainer's resume (load_state_dict) restores them; the plain class reports them as unexpected keys and
+  runs without them (the residual model).
 
 So `revkernels.retrofit.from_pretrained(dir)` rebuilds the same retrofitted model (same logits), and the
 plain class (`LlamaForCausalLM.from_pretrained(dir)`) loads every weight, nothing missing or
@@ -16,6 +20,7 @@ student's weights (what `unretrofit(student)` gives; not the student's outputs).
 from a GGUF file saves as an ordinary checkpoint (hf.drop_gguf_quantizer).
 """
 import functools
+import json
 
 from .core import RetrofitStack, retrofit_stack
 from .hf import CONFIG_KEY, retrofit_hf, revkernels_version
@@ -39,6 +44,37 @@ def save_pretrained(self, save_directory, *args, **kwargs):
         return type(self).save_pretrained(self, save_directory, *args, **kwargs)
     finally:
         self.config.use_cache = saved
+
+
+def _load_corrections(student, path, kwargs):
+    """Load form='linear''s corrections g_j from the checkpoint's safetensors weight files (a local folder
+    or a hub id; sharded or not): the source class's from_pretrained drops them as unexpected keys.
+    ValueError if any is missing (the student would silently run with g_j = 0)."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    hub = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
+    stack = retrofit_stack(student)
+    prefix = next(n for n, m in student.named_modules() if m is stack) + ".corrections."
+    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub)
+    if index is not None:
+        with open(index) as fh:
+            files = sorted({f for k, f in json.load(fh)["weight_map"].items() if k.startswith(prefix)})
+    else:
+        files = ["model.safetensors"]
+    found = {}
+    for name in files:
+        local = cached_file(path, name, _raise_exceptions_for_missing_entries=False, **hub)
+        if local is None:
+            continue
+        with safe_open(local, "pt", device="cpu") as fh:
+            found.update({k[len(prefix):]: fh.get_tensor(k) for k in fh.keys() if k.startswith(prefix)})
+    missing = sorted(set(stack.corrections.state_dict()) - set(found))
+    if missing:
+        raise ValueError(f"{path}: the checkpoint is form='linear' but its safetensors weights lack "
+                         f"{len(missing)} correction tensors ({prefix}{missing[0]}, ...); save it with the "
+                         "student's save_pretrained")
+    stack.corrections.load_state_dict(found)
 
 
 def install(student):
@@ -72,7 +108,11 @@ def from_pretrained(pretrained_model_name_or_path, **kwargs):
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise ValueError(f"{pretrained_model_name_or_path}: source class {name!r} is not a transformers model class")
     model = cls.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
-    student = retrofit_hf(model, inplace=True, **RetrofitStack.kwargs_from_record(info))
+    kwargs_stack = RetrofitStack.kwargs_from_record(info)
+    kwargs_stack.pop("width", None)                  # the adapter reads d from the model's config
+    student = retrofit_hf(model, inplace=True, **kwargs_stack)
+    if info.get("form") == "linear":
+        _load_corrections(student, pretrained_model_name_or_path, kwargs)
     install(student)
     return student
 
