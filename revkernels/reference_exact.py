@@ -25,14 +25,26 @@ Q_LIMIT = float(STATE_LIMIT)
 def quantize(f, c):
     """(Q(c*f) as int64, bad): y = c*f in fp32, Q(y) = floor(y*2^32 + 0.5); bad entries (non-finite or
     |y| > 2^20) give 0."""
-    y = (torch.tensor(c, dtype=torch.float32, device=f.device) * f.float()).double() * 2.0 ** FRAC_BITS
-    ok = y.abs() <= Q_LIMIT
-    return torch.floor(torch.where(ok, y, 0.0) + 0.5).to(torch.int64), ~ok
+    if c == 1.0:             # 1 * f is f in fp32: skip the product (same bits)
+        y = f.double() * 2.0 ** FRAC_BITS
+    else:
+        y = (torch.tensor(c, dtype=torch.float32, device=f.device) * f.float()).double() * 2.0 ** FRAC_BITS
+    bad = ~(y.abs() <= Q_LIMIT)          # NaN included
+    if bool(bad.any()):
+        y = torch.where(bad, 0.0, y)
+    return torch.floor(y + 0.5).to(torch.int64), bad
 
 
 def _saturate(P):
-    ok = P.abs() <= STATE_LIMIT
-    return P.clamp(-STATE_LIMIT - 1, STATE_LIMIT + 1), ~ok
+    bad = P.abs() > STATE_LIMIT
+    if bool(bad.any()):
+        P = P.clamp(-STATE_LIMIT - 1, STATE_LIMIT + 1)
+    return P, bad
+
+
+def _is_one(m):
+    """m is a 0-d 1 (a = 2^-k): the products and divisions by m can be skipped."""
+    return m.dim() == 0 and int(m) == 1
 
 
 def _flags(range_bad, update_bad, inexact=None):
@@ -41,13 +53,17 @@ def _flags(range_bad, update_bad, inexact=None):
 
 
 def pack_side(r, k):
-    """k bit planes of r (int64, values in [0, 2^k)) as uint8 of shape (k, ceil(n/8)), all planes at once."""
-    flat = r.reshape(-1)
+    """k bit planes of r (int64, values in [0, 2^k)) as uint8 of shape (k, ceil(n/8)), all planes at once
+    (in uint8: r < 2^k <= 2^8)."""
+    flat = r.reshape(-1).to(torch.uint8)
     pad = (-flat.numel()) % 8
-    flat = torch.cat([flat, flat.new_zeros(pad)]).view(-1, 8)
-    planes = torch.arange(k, device=r.device).view(k, 1, 1)
-    weights = torch.arange(8, device=r.device)
-    return (((flat >> planes) & 1) << weights).sum(-1).to(torch.uint8)
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    bits = (flat.view(1, -1, 8) >> torch.arange(k, device=r.device, dtype=torch.uint8).view(k, 1, 1)) & 1
+    out = bits[:, :, 0].clone()
+    for e in range(1, 8):                        # element e of each group of 8 is bit e of the byte
+        out |= bits[:, :, e] << e
+    return out
 
 
 def unpack_side(side, k, shape):
@@ -55,18 +71,18 @@ def unpack_side(side, k, shape):
     n = 1
     for s in shape:
         n *= s
-    planes = torch.arange(k, device=side.device).view(k, 1)
-    weights = torch.arange(8, device=side.device)
-    bits = (side.to(torch.int64)[:, :, None] >> weights) & 1            # (k, bytes, 8)
-    r = (bits.reshape(k, -1) << planes).sum(0)
-    return r[:n].view(shape)
+    bits = (side[:, :, None] >> torch.arange(8, device=side.device, dtype=torch.uint8)) & 1    # (k, bytes, 8)
+    r = bits[0].clone()
+    for plane in range(1, k):
+        r |= bits[plane] << plane
+    return r.reshape(-1)[:n].view(shape).to(torch.int64)
 
 
 def three_term_step(P_prev, P_cur, f, m, k, c):
     """(P_next, side or None, flags): P[j+1] = P[j] + round(a*(P[j-1]-P[j])) + Q(c*f)."""
     h = (1 << (k - 1)) if k else 0
     q, update_bad = quantize(f, c)
-    S = m * (P_prev - P_cur)
+    S = P_prev - P_cur if _is_one(m) else m * (P_prev - P_cur)
     T = (S + h) >> k
     P_next, range_bad = _saturate(P_cur + T + q)
     side = pack_side(S + h - (T << k), k) if k else None
@@ -79,6 +95,9 @@ def three_term_inverse(P_next, P_cur, f, m, k, c, side):
     q, update_bad = quantize(f, c)
     T = P_next - P_cur - q
     S = (T << k) + (unpack_side(side, k, P_next.shape) if k else 0) - h
+    if _is_one(m):                       # division by 1: exact
+        P_prev, range_bad = _saturate(P_cur + S)
+        return P_prev, _flags(range_bad, update_bad)
     delta = torch.div(S, m, rounding_mode="trunc")
     P_prev, range_bad = _saturate(P_cur + delta)
     return P_prev, _flags(range_bad, update_bad, delta * m != S)
