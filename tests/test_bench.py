@@ -528,12 +528,14 @@ def test_retrofit_tiny_writes_every_row(tmp_path, capsys, restore_threads):
     by = lambda section: [r for r in rows if r["section"] == section]
     assert len(by("zero-shot")) == len(p["forms"]) * len(p["ks"])
     assert all(math.isfinite(float(r["kl"])) and float(r["kl"]) > -1e-6 for r in by("zero-shot"))   # fp32 rounding
-    assert [float(r["target_kl"]) for r in by("auto")] == list(p["targets"])
-    assert {r["model"] for r in by("step")} == {"teacher", "teacher+ckpt", "compact", "eq4.5-it0", "eq4.5-it1"}
+    assert [(r["form"], float(r["target_kl"])) for r in by("auto")] == [
+        (form, t) for form in ("compact", "linear") for t in p["targets"]]
+    assert {r["model"] for r in by("step")} == {"teacher", "teacher+ckpt", "compact", "linear", "eq4.5-it0",
+                                                "eq4.5-it1"}
     assert all(float(r["step_ms"]) > 0 and int(r["act_bytes"]) > 0 for r in by("step"))
     grad = {r["model"]: float(r["grad_err"]) for r in by("grad")}
     assert grad["compact-exact"] < 1e-4        # exact mode: the reversible backward's gradients are exact
-    for objective in ("kl", "state"):
-        steps = [int(r["step"]) for r in by("align") if r["objective"] == objective]
+    for form, objective in retrofit.ALIGN_RUNS:
+        steps = [int(r["step"]) for r in by("align") if r["objective"] == objective and r["form"] == form]
         assert steps == list(range(0, p["align_steps"] + 1, p["eval_every"]))
-    assert len(by("generate")) == 5
+    assert len(by("generate")) == 6
