@@ -114,3 +114,16 @@ def test_shortened_seq_len_is_announced(teacher_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--seq-len 100 exceeds the model's max_position_embeddings=64; using --seq-len 64" in err
     assert summary["seq_len"] == 64 and json.loads((out / "retrofit.json").read_text())["seq_len"] == 64
+
+
+def test_linear_form_fits_on_the_training_batches_and_reloads(teacher_dir, tmp_path):
+    """--form linear fits its corrections on the first training batches (nonzero afterwards), aligns,
+    and saves a checkpoint that from_pretrained rebuilds with the same corrections."""
+    import revkernels as rk
+    from revkernels.retrofit import retrofit_stack
+    out = tmp_path / "out"
+    summary = main(["--model", str(teacher_dir), "--out", str(out), "--form", "linear", "--a", "0.25", "--steps",
+                    "2", "--batch-size", "4", "--seq-len", "16", "--eval-batches", "1", "--no-progress"])
+    assert summary["form"] == "linear" and summary["kl_after"] >= 0
+    stack = retrofit_stack(rk.retrofit.from_pretrained(out))
+    assert stack.form == "linear" and all(float(g.weight.abs().max()) > 0 for g in stack.corrections)

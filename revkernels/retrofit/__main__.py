@@ -1,6 +1,6 @@
 """python -m revkernels.retrofit: align a retrofitted Hugging Face causal LM to its teacher.
 
-    python -m revkernels.retrofit --model DIR --out DIR [--a 0.0625] [--form compact|eq4.5] [--iterations 0]
+    python -m revkernels.retrofit --model DIR --out DIR [--a 0.0625] [--form compact|linear|eq4.5] [--iterations 0]
         [--float] [--steps 200]
         [--lr 3e-5] [--batch-size 8] [--seq-len 256] [--data FILE] [--device cpu|cuda]
         [--dtype float32|bfloat16] [--seed 0] [--no-progress]
@@ -34,6 +34,7 @@ from .api import retrofit
 from .core import retrofit_stack
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LINEAR_FIT_BATCHES = 16       # --form linear: its corrections are fitted on the first 16 training batches
 
 
 def load_tokens(path):
@@ -133,8 +134,9 @@ def build_parser():
                    help="coefficient a of the midpoint(a) step: one value, or one per layer; 0 is refused; "
                         "exact mode needs dyadic values m/2^k (k side bits per element per layer) "
                         "(default: 0.0625 = 2^-4)")
-    p.add_argument("--form", choices=("compact", "eq4.5"), default="compact",
-                   help="the student: compact (F_j = f_j, one block call per layer) or eq4.5 "
+    p.add_argument("--form", choices=("compact", "linear", "eq4.5"), default="compact",
+                   help="the student: compact (F_j = f_j, one block call per layer), linear (F_j = f_j + "
+                        f"a (W_j p + b_j), fitted on the first {LINEAR_FIT_BATCHES} training batches) or eq4.5 "
                         "(F_j = f_j + a f_(j-1)(p_hat)) (default: %(default)s)")
     p.add_argument("--iterations", type=_number(int, 0), default=0,
                    help="eq4.5 only: fixed-point iterations estimating p[j-1] (eq. 4.7), >= 0 "
@@ -194,13 +196,6 @@ def _prepare(args):
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"--model {args.model!r}: cannot load a causal LM from it: {_one_line(e)}") from None
     teacher.to(args.device).eval().requires_grad_(False)
-    a = args.a[0] if len(args.a) == 1 else args.a
-    try:
-        student = retrofit(teacher, a=a, iterations=args.iterations, form=args.form,
-                           exact=not args.float).requires_grad_(True).eval()
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"cannot retrofit {type(teacher).__name__} (--a {' '.join(map(str, args.a))}): "
-                         f"{_one_line(e)}") from None
     max_len = getattr(teacher.config, "max_position_embeddings", None)
     seq_len = args.seq_len
     if max_len is not None and seq_len > max_len:
@@ -214,6 +209,14 @@ def _prepare(args):
         train = make_batches(args.steps, args.batch_size, seq_len, vocab, tokens, gen)
     except ValueError as e:
         raise ValueError(f"--data {args.data!r}: {e}") from None
+    a = args.a[0] if len(args.a) == 1 else args.a
+    try:
+        student = retrofit(teacher, a=a, iterations=args.iterations, form=args.form, exact=not args.float,
+                           calibration=train[:LINEAR_FIT_BATCHES] if args.form == "linear" else None
+                           ).requires_grad_(True).eval()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"cannot retrofit {type(teacher).__name__} (--a {' '.join(map(str, args.a))}): "
+                         f"{_one_line(e)}") from None
     os.makedirs(args.out, exist_ok=True)
     return teacher, student, a, seq_len, held_out, train
 
