@@ -16,7 +16,7 @@ VOCAB, SEQ_LEN = 64, 16
 # every arch, exact mode of both reversible families, and today's retrofit (eq. 4.5: f_{j-1} is called
 # iterations + 1 more times inside F_j, so a layer's attention runs up to three times per forward)
 BODIES = ARCHS + ("midpoint-exact", "hamiltonian-exact", "midpoint-stored", "hamiltonian-stored", "retrofit-compact",
-                  "retrofit-it1", "retrofit-it2", "retrofit-exact")
+                  "retrofit-it1", "retrofit-it2", "retrofit-exact", "retrofit-linear")
 
 
 pytestmark = pytest.mark.usefixtures("fallback_ops")   # conftest: the cache is the subject, not the kernels
@@ -39,6 +39,8 @@ def model_of(body, device="cpu", **kw):
     if body.startswith("retrofit"):
         if variant == "compact":
             model = retrofit(model, a=0.5, form="compact", exact=False)
+        elif variant == "linear":
+            model = retrofit(model, a=0.5, form="linear", calibration=prompt((4, SEQ_LEN), "cpu"))
         else:
             model = retrofit(model, a=0.5, form="eq4.5", iterations=2 if variant == "it2" else 1,
                              exact=variant == "exact")

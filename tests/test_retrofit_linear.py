@@ -129,6 +129,15 @@ def test_exact_gradients_match_ordinary_autograd(make):
         assert err <= 1e-4, (n, err)
 
 
+def test_generate_with_the_cache_gives_the_tokens_without_it():
+    """One cache slot per layer (the correction is per token): greedy tokens with and without the cache."""
+    student = retrofit(llama(), a=0.5, form="linear", calibration=calibration())
+    x = ids(1, t=6)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(student.generate(x, use_cache=True, **kw), student.generate(x, use_cache=False, **kw))
+
+
 def test_save_and_reload(tmp_path):
     """save_pretrained records form and width; from_pretrained gives the same logits (the corrections
     come back from the weight file); the plain class sees them as the only unexpected keys; a

@@ -236,7 +236,7 @@ def slot_layers(n_layers, iterations, form):
     out = [None] * block_calls(n_layers, iterations, form)
     for j in range(n_layers):
         out[block_call_slot(n_layers, iterations, form, j)] = j
-        if form != "compact" and j > 0:
+        if form == "eq4.5" and j > 0:
             for i in range(iterations + 1):
                 out[block_call_slot(n_layers, iterations, form, j, i)] = j - 1
     return out
