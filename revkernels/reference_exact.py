@@ -16,30 +16,35 @@ Side bits are packed as k bit planes of ceil(n/8) uint8 bytes (element e is bit 
 """
 import torch
 
-from .fixed_point import FRAC_BITS, STATE_LIMIT
+from .fixed_point import FRAC_BITS, RANGE, STATE_LIMIT
 
 FLAG_RANGE, FLAG_UPDATE, FLAG_INEXACT = 1, 2, 4
-Q_LIMIT = float(STATE_LIMIT)
+
+
+def _all_within(x, limit):
+    """Every |x| <= limit (False if any is NaN): one min/max pass instead of a mask."""
+    if x.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(x)
+    return bool(lo >= -limit) and bool(hi <= limit)
 
 
 def quantize(f, c):
-    """(Q(c*f) as int64, bad): y = c*f in fp32, Q(y) = floor(y*2^32 + 0.5); bad entries (non-finite or
-    |y| > 2^20) give 0."""
-    if c == 1.0:             # 1 * f is f in fp32: skip the product (same bits)
-        y = f.double() * 2.0 ** FRAC_BITS
-    else:
-        y = (torch.tensor(c, dtype=torch.float32, device=f.device) * f.float()).double() * 2.0 ** FRAC_BITS
-    bad = ~(y.abs() <= Q_LIMIT)          # NaN included
-    if bool(bad.any()):
-        y = torch.where(bad, 0.0, y)
-    return torch.floor(y + 0.5).to(torch.int64), bad
+    """(Q(c*f) as int64, bad): y = c*f in fp32, Q(y) = floor(y*2^32 + 0.5); bad (a bool) when an entry is
+    non-finite or |y| > 2^20, and those entries give 0."""
+    y = f.float() if c == 1.0 else torch.tensor(c, dtype=torch.float32, device=f.device) * f.float()
+    bad = not _all_within(y, RANGE)
+    if bad:
+        y = torch.where(y.abs() <= RANGE, y, 0.0)
+    y = y.double()                  # exact; then * 2^32 (exact) + 0.5 and floor, in place
+    return y.mul_(2.0 ** FRAC_BITS).add_(0.5).floor_().to(torch.int64), bad
 
 
 def _saturate(P):
-    bad = P.abs() > STATE_LIMIT
-    if bool(bad.any()):
-        P = P.clamp(-STATE_LIMIT - 1, STATE_LIMIT + 1)
-    return P, bad
+    """(P with |P| > STATE_LIMIT saturated to +-(STATE_LIMIT + 1), whether any was)."""
+    if _all_within(P, STATE_LIMIT):
+        return P, False
+    return P.clamp(-STATE_LIMIT - 1, STATE_LIMIT + 1), True
 
 
 def _is_one(m):
@@ -47,9 +52,8 @@ def _is_one(m):
     return m.dim() == 0 and int(m) == 1
 
 
-def _flags(range_bad, update_bad, inexact=None):
-    return (FLAG_RANGE * bool(range_bad.any()) + FLAG_UPDATE * bool(update_bad.any())
-            + (FLAG_INEXACT * bool(inexact.any()) if inexact is not None else 0))
+def _flags(range_bad: bool, update_bad: bool, inexact: bool = False):
+    return FLAG_RANGE * range_bad + FLAG_UPDATE * update_bad + FLAG_INEXACT * inexact
 
 
 def pack_side(r, k):
@@ -79,13 +83,15 @@ def unpack_side(side, k, shape):
 
 
 def three_term_step(P_prev, P_cur, f, m, k, c):
-    """(P_next, side or None, flags): P[j+1] = P[j] + round(a*(P[j-1]-P[j])) + Q(c*f)."""
+    """(P_next, side or None, flags): P[j+1] = P[j] + round(a*(P[j-1]-P[j])) + Q(c*f). With Sh = S + h,
+    T = Sh >> k and the side bits r = Sh - (T << k) = Sh & (2^k - 1) (two's complement, floor shift)."""
     h = (1 << (k - 1)) if k else 0
     q, update_bad = quantize(f, c)
-    S = P_prev - P_cur if _is_one(m) else m * (P_prev - P_cur)
-    T = (S + h) >> k
-    P_next, range_bad = _saturate(P_cur + T + q)
-    side = pack_side(S + h - (T << k), k) if k else None
+    Sh = P_prev - P_cur if _is_one(m) else m * (P_prev - P_cur)
+    if h:
+        Sh += h
+    side = pack_side(Sh & ((1 << k) - 1), k) if k else None
+    P_next, range_bad = _saturate((Sh >> k).add_(P_cur).add_(q))
     return P_next, side, _flags(range_bad, update_bad)
 
 
@@ -93,14 +99,17 @@ def three_term_inverse(P_next, P_cur, f, m, k, c, side):
     """(P_prev, flags): the exact inverse of three_term_step given its side bits."""
     h = (1 << (k - 1)) if k else 0
     q, update_bad = quantize(f, c)
-    T = P_next - P_cur - q
-    S = (T << k) + (unpack_side(side, k, P_next.shape) if k else 0) - h
+    S = (P_next - P_cur).sub_(q)
+    if k:
+        S = S.bitwise_left_shift_(k).add_(unpack_side(side, k, P_next.shape))
+    if h:
+        S -= h
     if _is_one(m):                       # division by 1: exact
-        P_prev, range_bad = _saturate(P_cur + S)
+        P_prev, range_bad = _saturate(S.add_(P_cur))
         return P_prev, _flags(range_bad, update_bad)
     delta = torch.div(S, m, rounding_mode="trunc")
     P_prev, range_bad = _saturate(P_cur + delta)
-    return P_prev, _flags(range_bad, update_bad, delta * m != S)
+    return P_prev, _flags(range_bad, update_bad, bool((delta * m != S).any()))
 
 
 def backward_step(A, B, f, gA, gB, m, k, c, side):
