@@ -159,6 +159,11 @@ def test_save_and_reload(tmp_path):
 
     from safetensors.torch import load_file, save_file
     weights = load_file(tmp_path / "model.safetensors")
+    # what Trainer's resume does: load_state_dict of the weight file into the model it trains
+    fresh = retrofit(teacher, a=0.25, form="linear", calibration=[ids(2, seed=99)])
+    fresh.load_state_dict(weights, strict=True)
+    assert torch.equal(logits(fresh, x), expected)
+
     save_file({k: v for k, v in weights.items() if "corrections.1" not in k}, tmp_path / "model.safetensors",
               metadata={"format": "pt"})
     with pytest.raises(ValueError, match="lack 2 correction tensors"):
