@@ -89,6 +89,10 @@ def test_fit_is_the_ridge_solution_and_beats_the_compact_form():
             total += float((lt.exp() * (lt - ls)).sum(-1).mean())
         return total
     assert kl(student) < 0.75 * kl(retrofit(teacher, a=0.5))       # measured 2.5e-4 vs 4.8e-4
+    student.train()                      # attention dropout active in train mode: the fit runs in eval regardless
+    for layer in student.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    assert fit_correction(student, cal, ridge=1e-9)["residual"] == info["residual"] and student.training
 
 
 def test_unfitted_corrections_are_the_compact_form():

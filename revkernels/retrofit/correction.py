@@ -50,19 +50,24 @@ def fit_correction(student, batches: Sequence[torch.Tensor], ridge: float = 1e-2
     xtu = torch.zeros(n_layers - 1, d + 1, d, dtype=torch.float64)
     utu = torch.zeros(n_layers - 1, dtype=torch.float64)
     tokens = 0
-    with stack.teacher_states() as recorded:
-        for ids in batches:
-            recorded.clear()
-            model_logits(student, ids.to(stack.a.device))
-            states = recorded[-1]
-            for j in range(1, n_layers):
-                x = states[j].reshape(-1, d).double().cpu()
-                u = (states[j] - states[j - 1]).reshape(-1, d).double().cpu()
-                xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
-                xtx[j - 1] += xa.T @ xa
-                xtu[j - 1] += xa.T @ u
-                utu[j - 1] += (u * u).sum()
-            tokens += states[0].reshape(-1, d).shape[0]
+    training = student.training
+    student.eval()                       # dropout off: the fit sees the teacher's deterministic states
+    try:
+        with stack.teacher_states() as recorded:
+            for ids in batches:
+                recorded.clear()
+                model_logits(student, ids.to(stack.a.device))
+                states = recorded[-1]
+                for j in range(1, n_layers):
+                    x = states[j].reshape(-1, d).double().cpu()
+                    u = (states[j] - states[j - 1]).reshape(-1, d).double().cpu()
+                    xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+                    xtx[j - 1] += xa.T @ xa
+                    xtu[j - 1] += xa.T @ u
+                    utu[j - 1] += (u * u).sum()
+                tokens += states[0].reshape(-1, d).shape[0]
+    finally:
+        student.train(training)
     residual = []
     eye = torch.eye(d + 1, dtype=torch.float64)
     for j in range(1, n_layers):

@@ -349,7 +349,7 @@ def retrofit_hf(model, a=2 ** -4, iterations=0, *, form="compact", exact=True, s
     stack = RetrofitStack([LayerUpdate(layer) for layer in layers], a, iterations, form=form, exact=exact,
                           state_dtype=state_dtype, max_reconstruction_error=max_reconstruction_error,
                           preserve_rng_state=True if functional_dropout else "auto",
-                          width=_state_width(layers[0], config) if form == "linear" else None)
+                          width=_state_width(config) if form == "linear" else None)
     decoder.add_module(STACK_NAME, stack)
     decoder.forward = functools.partial(retrofitted_forward, decoder, list_name)
     setattr(student.config, CONFIG_KEY, {**stack.config_record(), **source_record(student)})
@@ -359,7 +359,7 @@ def retrofit_hf(model, a=2 ** -4, iterations=0, *, form="compact", exact=True, s
     return student
 
 
-def _state_width(layer, config):
+def _state_width(config):
     """d of the hidden state the layers pass on (form='linear' needs it for its d x d corrections)."""
     for name in ("hidden_size", "n_embd", "d_model"):
         if isinstance(getattr(config, name, None), int):
