@@ -23,8 +23,9 @@ EXACT_ARCHS = ("midpoint-exact", "hamiltonian-exact")
 # parameters), the first is recomputed keeping its matmul/attention outputs.
 HYBRID_ARCHS = ("midpoint-stored", "hamiltonian-stored")
 # Retrofitted Hugging Face Llamas (default exact mode, a = 2^-2): their layers stay in place and are the
-# blocks the recipe shards (model.model.layers); eq4.5 calls each f_(j-1) in two blocks.
-HF_ARCHS = ("hf-compact", "hf-eq4.5")
+# blocks the recipe shards (model.model.layers); eq4.5 calls each f_(j-1) in two blocks; linear's fitted
+# corrections g_j are root parameters, called inside the blocks' recompute.
+HF_ARCHS = ("hf-compact", "hf-eq4.5", "hf-linear")
 LR = 0.1
 
 
@@ -49,6 +50,10 @@ def build(arch, n_layers=None):
             num_hidden_layers=cfg["n_layers"], num_attention_heads=cfg["n_heads"], num_key_value_heads=1,
             max_position_embeddings=cfg["seq_len"], initializer_range=0.2))
         form = arch.removeprefix("hf-")
+        if form == "linear":
+            g = torch.Generator().manual_seed(2)
+            calibration = torch.randint(0, cfg["vocab_size"], (4, cfg["seq_len"]), generator=g)
+            return rk.retrofit(teacher, a=2 ** -2, form=form, calibration=calibration)
         return rk.retrofit(teacher, a=2 ** -2, form=form, iterations=1 if form == "eq4.5" else 0)
     if arch.endswith("-exact"):
         return rk.GPT(rk.GPTConfig(arch=arch.removesuffix("-exact"), exact=True, **cfg))
