@@ -109,12 +109,16 @@ def test_unfitted_corrections_are_the_compact_form():
     assert all(torch.count_nonzero(p) == 0 for p in fresh.corrections.parameters())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("make", [llama, gpt], ids=["llama", "rk-gpt"])
-def test_exact_gradients_match_ordinary_autograd(make):
+def test_exact_gradients_match_ordinary_autograd(make, dtype):
     """Exact mode: the reversible backward's gradients (the blocks' and the corrections') equal
-    reversible=False's within fp32 summation order (measured ~1e-7 relative), and the meter reads."""
-    teacher = make()
+    reversible=False's within fp32 summation order (measured ~1e-7 relative), and the meter reads. A bf16
+    student (its corrections bf16 too, fed a bf16 copy of the fp32 state like its blocks) as well: before,
+    its corrections got the fp32 state and raised a dtype error."""
+    teacher = make().to(dtype)
     student = retrofit(teacher, a=0.25, form="linear", calibration=calibration()).train()
+    assert all(g.weight.dtype == dtype and g.weight.abs().sum() > 0 for g in retrofit_stack(student).corrections)
     stack = retrofit_stack(student)
     x = ids()
 
@@ -123,7 +127,7 @@ def test_exact_gradients_match_ordinary_autograd(make):
         student.zero_grad(set_to_none=True)
         out = student(x, labels=x) if make is llama else student(x, x)
         (out.loss if make is llama else out[1]).backward()
-        return {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+        return {n: p.grad.float() for n, p in student.named_parameters() if p.grad is not None}
 
     rev, ref = grads(True), grads(False)
     assert stack.last_reconstruction_error == 0.0 and stack.last_side_info_bytes > 0

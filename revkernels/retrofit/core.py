@@ -75,9 +75,18 @@ def block_call_slot(n_layers: int, iterations: int, form: str, layer: int, i: Op
     return n_layers + (layer - 1) * (iterations + 1) + i
 
 
+def in_own_dtype(module: nn.Module, p: torch.Tensor) -> torch.Tensor:
+    """module(p) run in the module's parameter dtype (p cast to it, unless autocast is on), returned in p's
+    dtype: a bf16 student's blocks and corrections see a bf16 copy of the fp32 reversible state."""
+    dtype = next((t.dtype for t in module.parameters() if t.is_floating_point()), p.dtype)
+    q = p if p.dtype == dtype or torch.is_autocast_enabled(p.device.type) else p.to(dtype)
+    return module(q).to(p.dtype)
+
+
 def call_update(f, p, context, slot):
-    """f(p, context, slot) for an update with `takes_context = True` (the adapters), else f(p)."""
-    return f(p, context, slot) if getattr(f, "takes_context", False) else f(p)
+    """f(p, context, slot) for an update with `takes_context = True` (the adapters, which cast themselves),
+    else f(p) in f's own dtype."""
+    return f(p, context, slot) if getattr(f, "takes_context", False) else in_own_dtype(f, p)
 
 
 def token_residual(p, q, fq):
@@ -116,7 +125,7 @@ class RetrofitBlock(nn.Module):
     def forward(self, p):
         out = call_update(self.f, p, self.context, self.slot)
         if self.correction is not None:
-            return out + self.a * self.correction(p)
+            return out + self.a * in_own_dtype(self.correction, p)
         if self.f_prev is None:
             return out
         return out + self.a * self.estimate_update(p)
