@@ -75,12 +75,16 @@ def block_call_slot(n_layers: int, iterations: int, form: str, layer: int, i: Op
     return n_layers + (layer - 1) * (iterations + 1) + i
 
 
-def in_own_dtype(module: nn.Module, p: torch.Tensor) -> torch.Tensor:
-    """module(p) run in the module's parameter dtype (p cast to it, unless autocast is on), returned in p's
-    dtype: a bf16 student's blocks and corrections see a bf16 copy of the fp32 reversible state."""
+def cast_for(module: nn.Module, p: torch.Tensor) -> torch.Tensor:
+    """p in the dtype of the module's floating-point parameters (unchanged under autocast or without
+    such parameters): a bf16 student's blocks and corrections see a bf16 copy of the fp32 reversible state."""
     dtype = next((t.dtype for t in module.parameters() if t.is_floating_point()), p.dtype)
-    q = p if p.dtype == dtype or torch.is_autocast_enabled(p.device.type) else p.to(dtype)
-    return module(q).to(p.dtype)
+    return p if p.dtype == dtype or torch.is_autocast_enabled(p.device.type) else p.to(dtype)
+
+
+def in_own_dtype(module: nn.Module, p: torch.Tensor) -> torch.Tensor:
+    """module(p) run in the module's own dtype (cast_for), returned in p's."""
+    return module(cast_for(module, p)).to(p.dtype)
 
 
 def call_update(f, p, context, slot):

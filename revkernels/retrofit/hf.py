@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from . import families
-from .core import RetrofitStack, block_call_slot, block_calls
+from .core import RetrofitStack, block_call_slot, block_calls, cast_for
 
 STACK_NAME = "retrofit"
 
@@ -148,8 +148,7 @@ class LayerUpdate(nn.Module):
         yield from self.layer.named_modules(memo, prefix + ("." if prefix else "") + "layer", remove_duplicate)
 
     def forward(self, p, call: LayerCall, slot: int):
-        dtype = next((t.dtype for t in self.layer.parameters() if t.is_floating_point()), p.dtype)
-        h = p if p.dtype == dtype or torch.is_autocast_enabled(p.device.type) else p.to(dtype)
+        h = cast_for(self.layer, p)
         kwargs = call.kwargs
         if call.cache_key is not None:
             kwargs = {**kwargs, call.cache_key: CacheSlot(kwargs[call.cache_key], slot)}
