@@ -61,7 +61,7 @@ PRESETS = {
     "cpu": dict(held=(2, 48, 1), cal=(1, 64, 1), fit=(8, 256, 2), signs=(1,), ks=(1, 2, 3, 4, 6, 8), forms=FORMS,
                 step_forms=FORMS[:3],
                 targets=(0.2, 0.05, 0.01),
-                probe_k=(2,), step=(1, 64), warmup=1, rounds=4, per_round=1, align=(2, 64), align_steps=4,
+                probe_k=(2,), step=(1, 64), warmup=1, rounds=8, per_round=1, align=(2, 64), align_steps=4,
                 eval_every=2, lr={"kl": 1e-4, "state": 1e-4, "linear": 1e-5}, gen_tokens=6, threads=2),
     "gpu": dict(held=(4, 256, 2), cal=(2, 256, 1), fit=(8, 512, 8), signs=(1, -1), ks=tuple(range(1, 9)), forms=FORMS,
                 step_forms=FORMS[:4],
