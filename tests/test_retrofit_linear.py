@@ -219,3 +219,20 @@ def test_real_checkpoint_linear_form_is_closer_at_the_same_side_bits(smollm2):
             retrofit_stack(s).set_a(2.0 ** -k)
         kl_linear, kl_compact = kl(linear), kl(compact)
         assert kl_linear < 0.6 * kl_compact, (k, kl_linear, kl_compact)
+
+
+def test_align_default_objective_is_eq_4_6_for_the_linear_form():
+    """align()'s objective='auto': eq. 4.6 alone for a linear-form student (its log's loss is its KL, and
+    the stack stays reversible: it is never switched off), state matching added for a compact one."""
+    from revkernels.retrofit import align
+    from revkernels.retrofit.align import default_objective
+    teacher = llama()
+    batches = calibration()
+    linear = retrofit(teacher, a=0.25, form="linear", calibration=batches)
+    compact = retrofit(teacher, a=0.25)
+    assert (default_objective(linear), default_objective(compact), default_objective(teacher)) == ("kl", "state", "kl")
+    assert retrofit_stack(linear).last_side_info_bytes is None
+    log = align(linear, teacher, batches, steps=1, progress=False)
+    assert log[0]["loss"] == log[0]["kl"] and retrofit_stack(linear).last_side_info_bytes > 0   # ran reversibly
+    log = align(compact, teacher, batches, steps=1, progress=False)
+    assert log[0]["loss"] > log[0]["kl"]

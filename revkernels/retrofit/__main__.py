@@ -145,7 +145,8 @@ def build_parser():
                    help="float mode instead of the bit-exact reversible backward; refused where its "
                         "gradients cannot be trusted (default: exact mode)")
     p.add_argument("--steps", type=_number(int, 1), default=200,
-                   help="KL alignment steps (eq. 4.6), one batch each (default: %(default)s)")
+                   help="alignment steps, one batch each, with align()'s default objective (eq. 4.6 for "
+                        "--form linear, state matching plus eq. 4.6 otherwise) (default: %(default)s)")
     p.add_argument("--lr", type=_number(float, 0, inclusive=False), default=3e-5,
                    help="AdamW learning rate (default: %(default)s)")
     p.add_argument("--weight-decay", type=_number(float, 0), default=0.0,

@@ -72,7 +72,15 @@ def evaluate_kl(student, teacher, batches: Iterable, reverse: bool = False, devi
     return total / max(n, 1)
 
 
-OBJECTIVES = ("state", "kl")
+OBJECTIVES = ("auto", "state", "kl")
+
+
+def default_objective(student: nn.Module) -> str:
+    """align()'s objective='auto': 'kl' for a form="linear" student or a model that is not retrofitted,
+    'state' for the other forms."""
+    from .core import find_retrofit_stack
+    stack = find_retrofit_stack(student)
+    return "kl" if stack is None or stack.form == "linear" else "state"
 
 
 class _StudentStates:
@@ -140,13 +148,13 @@ def state_loss(student_states, teacher_states, mask: Optional[torch.Tensor] = No
 
 
 def align(student: nn.Module, teacher: nn.Module, batches: Iterable, steps: Optional[int] = None,
-          lr: float = 1e-4, *, objective: str = "state", state_weight: float = 1.0,
+          lr: float = 1e-4, *, objective: str = "auto", state_weight: float = 1.0,
           optimizer: Optional[torch.optim.Optimizer] = None, weight_decay: float = 0.0,
           grad_clip: Optional[float] = 1.0, reverse: bool = False, device=None, progress: bool = True,
           log_every: int = 1, log_path: Optional[str] = None) -> List[dict]:
     """Fine-tune `student` to match the frozen `teacher`.
 
-    objective='state' (the default, the faster one): layer-wise state matching plus eq. 4.6,
+    objective='state': layer-wise state matching plus eq. 4.6,
 
         loss = KL(teacher || student) + state_weight * mean_{j>=1} |p[j] - h[j]|^2 / |h[j]|^2,
 
@@ -155,7 +163,10 @@ def align(student: nn.Module, teacher: nn.Module, batches: Iterable, steps: Opti
     logits. The student states are read by forward pre-hooks, so the stack runs with `reversible`
     switched off while aligning (restored afterwards): this objective stores activations like
     ordinary training. objective='kl': eq. 4.6 alone, through the student's own (reversible)
-    backward. The returned log's 'kl' is the KL term in both cases.
+    backward. The returned log's 'kl' is the KL term in both cases. objective='auto' (the default) takes
+    the one measured best for the student (README, SmolLM2 from a = 0.5, 100 steps of 2 x 128 tokens):
+    'kl' for a form="linear" student (0.234, where state matching raised its KL) and for a model that is
+    not retrofitted, 'state' otherwise (compact: 0.360 against eq. 4.6's 0.378, with cheaper steps).
 
     batches: an iterable of token-id tensors (B, T), (ids, attention_mask) pairs or dicts with
     'input_ids' (and 'attention_mask'); it is cycled when `steps` exceeds its length (steps=None: one
@@ -169,6 +180,8 @@ def align(student: nn.Module, teacher: nn.Module, batches: Iterable, steps: Opti
         raise ValueError(f"steps must be a positive int or None, got {steps!r}")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if objective == "auto":
+        objective = default_objective(student)
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise ValueError("student has no parameter that requires grad")
