@@ -12,6 +12,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")   # conftest sets it too; must precede `import triton`
 
 import copy  # noqa: E402
+import inspect  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 
@@ -616,3 +617,7 @@ def test_every_import_spelling():
     assert name.retrofit is api.retrofit and revkernels.retrofit_kl is retrofit_kl
     student = revkernels.retrofit(own_gpt(n_layers=2))    # the package is callable
     assert name.find_retrofit_stack(student) is retrofit_stack(student)
+    # its signature is api.retrofit's (DESIGN 2's keywords visible to help, IDEs and API checks)
+    params = inspect.signature(revkernels.retrofit).parameters
+    assert params == inspect.signature(api.retrofit).parameters
+    assert {"a", "iterations", "form", "exact", "calibration", "target_kl"} <= params.keys()
