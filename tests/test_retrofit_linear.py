@@ -137,9 +137,11 @@ def test_exact_gradients_match_ordinary_autograd(make, dtype):
         assert err <= 1e-4, (n, err)
 
 
-def test_generate_with_the_cache_gives_the_tokens_without_it():
-    """One cache slot per layer (the correction is per token): greedy tokens with and without the cache."""
-    student = retrofit(llama(), a=0.5, form="linear", calibration=calibration())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_generate_with_the_cache_gives_the_tokens_without_it(dtype):
+    """One cache slot per layer (the correction is per token): greedy tokens with and without the cache,
+    in fp32 and for a bf16 student (blocks and corrections in bf16 around the fp32 state)."""
+    student = retrofit(llama().to(dtype), a=0.5, form="linear", calibration=calibration())
     x = ids(1, t=6)
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     with torch.no_grad():
