@@ -41,7 +41,10 @@ PRESETS = {
     "cpu": dict(shape=dict(vocab_size=128, seq_len=32, d_model=32, n_heads=2, n_layers=4),
                 archs=("baseline", "checkpoint", "midpoint"),
                 budgets=tuple((f"{m} MiB", m * MIB) for m in (2, 4)),
-                loss_chunk_tokens=128, start=4, cap=4096, isolate=True, time_steps=3,
+                # in-process: on a CPU the memory is the count of bytes saved for backward (no allocator state
+                # to leak between probes, no real OOM under an emulated budget), and a fresh process per
+                # probe cost 2-3 s of imports each, a minute of `make bench`
+                loss_chunk_tokens=128, start=4, cap=4096, isolate=False, time_steps=3,
                 hybrid=dict(arch="midpoint", stored=(2,))),
     "tiny": dict(shape=dict(vocab_size=64, seq_len=16, d_model=32, n_heads=2, n_layers=2),
                  archs=("baseline", "midpoint"), budgets=(("0.7 MiB", int(0.7 * MIB)),),
@@ -115,9 +118,9 @@ def _int_or_none(x):
 
 class Prober:
     """fits(batch) for one (arch, budget, shape) on this device, answered from the probe log when it
-    (or monotonicity) already knows, else by a fresh-process probe appended to the log.
+    (or monotonicity) already knows, else by a probe appended to the log.
     `fits_upto`: batches known to fit without a probe (the answer under a smaller budget).
-    `isolate`: run each probe in a fresh process (every preset but the test suite's `tiny`).
+    `isolate`: run each probe in a fresh process (the GPU preset: CUDA peaks and OOMs stay per probe).
     `predict()`: the batch where memory, linear in the batch through the two largest measured
     probes (of any budget: a fitting batch's memory does not depend on the budget), reaches the
     budget; with one measured probe, through it with slope `bytes_per_sample` (None: no guess)."""
