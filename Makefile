@@ -21,8 +21,8 @@ test-latest:
 	TRITON_INTERPRET=$${TRITON_INTERPRET-$$(.venv-latest/bin/python -c "import torch; print(0 if torch.cuda.is_available() else 1)")} \
 	  .venv-latest/bin/python -m pytest -q tests
 
-# CPU (the default without CUDA): every benchmark at small shapes, one intra-op thread, about 5 minutes
-# on an idle 2-core machine (under 10 when shared), into bench-out/.
+# CPU (the default without CUDA): every benchmark at small shapes, one intra-op thread (two in retrofit), about
+# 7 minutes on an idle 2-core machine plus a minute of set-up on a fresh one, into bench-out/.
 # With CUDA (or PRESET=gpu): the GPU plan's chunks not yet done, device-tagged files in plots/
 # (see `make bench-plan`). OUT=DIR writes elsewhere.
 bench: setup
