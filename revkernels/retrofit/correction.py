@@ -35,10 +35,11 @@ the target that returns p[j+1] to the teacher's h[j+1], 0.41 / 0.13 / 0.040 at k
 is domain-specific: on licence text (GPL-3) the same fit gives 0.64 / 0.28 / 0.10 against compact's 3.27 /
 0.63 / 0.19, a smaller lead than on held-out docstrings; calibrate on text like the text the model will see.
 
-Why every per-token variant stops at the same place: u is not a function of h[j]. On 1,024 held-out tokens,
-the linear fit leaves |U - XB|^2 / |U|^2 = 0.4-0.7 in layers 4-8 and 13-24, mostly in the MLP part of u
-(the attention part alone leaves 0.1-0.3). Adding the previous layer's own MLP evaluated at h[j] as an input,
-the exact function that produced that part though at the state after it, lowers those to 0.25-0.6 only.
+Why every per-token variant stops at the same place: u is not recoverable from h[j]. On 1,024 held-out
+tokens the linear fit leaves |U - XB|^2 / |U|^2 = 0.4-0.7 in layers 4-8 and 13-24, mostly in the MLP part of
+u (the attention part alone leaves 0.1-0.3). Adding the previous layer's own MLP evaluated at h[j] as an
+input, the function that produced that part though at the state after it, lowers those to 0.25-0.6 only; a
+second step of the fixed-point inversion x = h[j] - mlp(x) to 0.24-0.6: it does not converge.
 """
 import math
 from typing import Sequence
