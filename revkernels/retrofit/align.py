@@ -166,8 +166,8 @@ def align(student: nn.Module, teacher: nn.Module, batches: Iterable, steps: Opti
     backward. The returned log's 'kl' is the KL term in both cases. objective='auto' (the default) takes
     the one measured best for the student (README, SmolLM2 from a = 0.5, 100 steps of 2 x 128 tokens):
     'kl' for a form="linear" student (0.234, where state matching raised its KL) and for a model that is
-    not retrofitted, 'state' otherwise (compact: 0.360 against eq. 4.6's 0.378, with cheaper steps; eq4.5 after 30 steps:
-    0.413 against 0.450).
+    not retrofitted, 'state' otherwise (compact: 0.360 against eq. 4.6's 0.378, with cheaper steps;
+    eq4.5 after 30 steps: 0.413 against 0.450).
 
     batches: an iterable of token-id tensors (B, T), (ids, attention_mask) pairs or dicts with
     'input_ids' (and 'attention_mask'); it is cycled when `steps` exceeds its length (steps=None: one
